@@ -1,0 +1,65 @@
+"""Config keys cityseg_d2 adds to detectron2's defaults."""
+from detectron2.config import CfgNode as CN
+
+
+def add_cityseg_config(cfg):
+    """Add cityseg_d2's keys (with their defaults) to a detectron2 config, in place."""
+    _add_dataset_keys(cfg)
+    _add_evaluation_keys(cfg)
+    _add_training_keys(cfg)
+    _add_wandb_keys(cfg)
+    return cfg
+
+
+def _add_dataset_keys(cfg):
+    # Options of the Cityscapes datasets named in DATASETS.TRAIN / DATASETS.TEST; applied by
+    # cityseg_d2.data.register_from_config(cfg), so a YAML can train on a subset without code.
+    c = cfg.DATASETS.CITYSCAPES = CN()
+    c.ROOT = ""  # "" = $CITYSCAPES_DATASET, else $DETECTRON2_DATASETS/cityscapes, else ./datasets/cityscapes
+    c.CLASS_SET = "cityscapes8"  # "cityscapes8" (officially evaluated) or "seed10" (+ caravan, trailer)
+    c.MASK_SOURCE = "polygons"  # "polygons" (gtFine_polygons.json) or "instance_ids" (instanceIds.png, exact)
+    c.CITIES = []  # [] = all cities
+    c.CACHE = True  # parsed dicts cached on disk, keyed by the files and the options
+    c.TRAIN_MAX_IMAGES = 0  # 0 = all; else a seeded, deterministic sample of that many images
+    c.TEST_MAX_IMAGES = 0
+    c.TRAIN_IMAGE_LIST = ""  # text file of image ids (e.g. aachen_000000_000019), one a line
+    c.TEST_IMAGE_LIST = ""
+    c.SUBSET_SEED = 0
+
+
+def _add_evaluation_keys(cfg):
+    # Evaluators for TEST.EVAL_PERIOD and --eval-only: "cityscapes_fast" (in-memory, the official
+    # protocol), "cityscapes" (the official cityscapesscripts script), "coco" (bbox and segm COCO AP).
+    cfg.TEST.EVALUATORS = ["cityscapes_fast"]
+
+
+def _add_training_keys(cfg):
+    cfg.CITYSEG = CN()
+    # The periodic evaluation result that picks the best checkpoint ("" = keep no best checkpoint).
+    cfg.CITYSEG.BEST_CHECKPOINT_METRIC = "segm/AP"
+    cfg.CITYSEG.BEST_CHECKPOINT_MODE = "max"
+    # Stop with a clear message when a loss becomes NaN or inf.
+    cfg.CITYSEG.STOP_ON_NONFINITE_LOSS = True
+
+
+def _add_wandb_keys(cfg):
+    # Weights & Biases; WANDB_* environment variables fill what is left empty here.
+    w = cfg.WANDB = CN()
+    w.ENABLED = False
+    w.PROJECT = "cityseg-d2"
+    w.ENTITY = ""
+    w.NAME = ""
+    w.GROUP = ""
+    w.TAGS = []
+    w.MODE = ""  # "" = online with an API key, else offline; "online", "offline" or "disabled"
+    w.LOG_CHECKPOINTS = False  # best and final checkpoints as model artifacts
+    w.LOG_DATASET_STATS = True  # the dataset explorer's tables when a run starts
+    w.NUM_VIS_IMAGES = 4  # fixed val images shown with predictions at each evaluation
+    w.INIT_TIMEOUT = 60  # seconds; after that training goes on without W&B
+
+
+def get_cityseg_cfg():
+    """detectron2's default config plus cityseg_d2's keys."""
+    from detectron2.config import get_cfg
+
+    return add_cityseg_config(get_cfg())
