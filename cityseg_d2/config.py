@@ -38,8 +38,6 @@ def _add_training_keys(cfg):
     # The periodic evaluation result that picks the best checkpoint ("" = keep no best checkpoint).
     cfg.CITYSEG.BEST_CHECKPOINT_METRIC = "segm/AP"
     cfg.CITYSEG.BEST_CHECKPOINT_MODE = "max"
-    # Stop with a clear message when a loss becomes NaN or inf.
-    cfg.CITYSEG.STOP_ON_NONFINITE_LOSS = True
 
 
 def _add_wandb_keys(cfg):
