@@ -1,0 +1,210 @@
+"""What the official and the fast Cityscapes instance evaluators share: the protocol's constants, the class set,
+the ground truth, the predictions of an image, their overlaps, and the results they report.
+
+The protocol is cityscapesscripts' evalInstanceLevelSemanticLabeling: AP averaged over mask IoU thresholds
+0.5:0.95, ground-truth instances under 100 pixels and group regions (instance id < 1000) are not matched, and an
+unmatched prediction that mostly covers void, group or small regions is not a false positive.
+"""
+import logging
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from PIL import Image
+from tabulate import tabulate
+
+from cityseg_d2.data import gt_instance_ids_path
+
+from .seed_metric import matterport_ap50
+
+logger = logging.getLogger(__name__)
+
+# evalInstanceLevelSemanticLabeling's args.overlaps and args.minRegionSizes[0] (without distances).
+IOU_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
+MIN_REGION_SIZE = 100
+# Cityscapes instance ids: label_id * 1000 + index; a smaller value is a group (crowd) region or a stuff label.
+INSTANCE_ID_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class EvaluatedClasses:
+    """The dataset's thing classes, which are the evaluated ones, and the ground-truth values that are void.
+
+    Void is every cityscapesscripts label with ignoreInEval except the evaluated labels: for "cityscapes8" that
+    is exactly the official set; "seed10" evaluates caravan and trailer like the other classes instead of as void.
+    """
+
+    names: tuple
+    label_ids: tuple
+
+    @classmethod
+    def of_dataset(cls, dataset_name):
+        metadata = MetadataCatalog.get(dataset_name)
+        for key in ("gt_dir", "thing_classes", "thing_label_ids"):
+            if not hasattr(metadata, key):
+                raise ValueError(
+                    f"dataset {dataset_name!r} has no {key!r} metadata; the Cityscapes evaluators need a dataset "
+                    "registered with cityseg_d2.data.register_cityscapes_instances"
+                )
+        return cls(tuple(metadata.thing_classes), tuple(int(i) for i in metadata.thing_label_ids))
+
+    @property
+    def void_label_ids(self):
+        return tuple(
+            label.id
+            for label in CITYSCAPES_LABELS
+            if label.ignoreInEval and label.id >= 0 and label.id not in self.label_ids
+        )
+
+    def class_of_labels(self, label_ids):
+        """Contiguous class of each Cityscapes label id, -1 for labels that are not evaluated."""
+        lookup = np.full(max(max(self.label_ids), int(np.max(label_ids, initial=0))) + 1, -1, np.int64)
+        lookup[list(self.label_ids)] = np.arange(len(self.label_ids))
+        return lookup[label_ids]
+
+
+def read_gt_instance_ids(path):
+    """The instanceIds PNG as an integer array, read like cityscapesscripts reads it."""
+    try:
+        return np.array(Image.open(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ground-truth instance image {path} not found (metadata gt_dir is wrong?)") from None
+
+
+@dataclass
+class ImagePredictions:
+    """Predicted instances of one image as numpy: (N, H, W) bool masks, float64 scores, int64 classes."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+    @classmethod
+    def from_output(cls, output, image_id, gt_shape, gt_path, num_classes):
+        if "instances" not in output:
+            raise ValueError(f"model output of image {image_id} has no 'instances'")
+        instances = output["instances"].to(torch.device("cpu"))
+        if len(instances) == 0:
+            return cls(np.zeros((0, *gt_shape), bool), np.zeros(0), np.zeros(0, np.int64))
+        if not instances.has("pred_masks"):
+            raise ValueError(f"predictions of image {image_id} have no pred_masks; instance evaluation needs masks")
+        masks = instances.pred_masks.numpy()
+        if masks.shape[1:] != tuple(gt_shape):
+            raise ValueError(
+                f"predicted masks of image {image_id} are {masks.shape[1]}x{masks.shape[2]} (HxW) but its ground "
+                f"truth {gt_path} is {gt_shape[0]}x{gt_shape[1]}"
+            )
+        classes = instances.pred_classes.numpy().astype(np.int64)
+        if classes.min() < 0 or classes.max() >= num_classes:
+            raise ValueError(f"image {image_id} has predicted classes outside 0..{num_classes - 1}")
+        masks = masks if masks.dtype == bool else masks >= 0.5
+        return cls(masks, instances.scores.numpy().astype(np.float64), classes)
+
+
+@dataclass
+class ImageOverlaps:
+    """Ground-truth regions (distinct instanceIds values) of an image and each predicted mask's pixels in each."""
+
+    region_ids: np.ndarray  # (M,) instanceIds values present in the image
+    region_areas: np.ndarray  # (M,) pixels of each region
+    intersections: np.ndarray  # (N, M) pixels of prediction n inside region m
+
+    @classmethod
+    def compute(cls, gt_ids, masks):
+        # Region index per pixel through a lookup table: a bincount instead of sorting like np.unique.
+        counts = np.bincount(gt_ids.ravel())
+        region_ids = np.flatnonzero(counts)
+        lookup = np.zeros(len(counts), np.int64)
+        lookup[region_ids] = np.arange(len(region_ids))
+        region_map = lookup[gt_ids]
+        intersections = np.zeros((len(masks), len(region_ids)), np.int64)
+        # Counting inside each mask's bounding box keeps the work proportional to the masks, not the image.
+        rows, cols = masks.any(axis=2), masks.any(axis=1)
+        for i, mask in enumerate(masks):
+            ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+            if ys.size:
+                box = slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
+                intersections[i] = np.bincount(region_map[box][mask[box]], minlength=len(region_ids))
+        return cls(region_ids, counts[region_ids], intersections)
+
+    @property
+    def region_labels(self):
+        return np.where(self.region_ids < INSTANCE_ID_OFFSET, self.region_ids, self.region_ids // INSTANCE_ID_OFFSET)
+
+    @property
+    def is_instance(self):
+        return self.region_ids >= INSTANCE_ID_OFFSET
+
+    def ious(self):
+        """(N, M) mask IoU of each prediction with each region."""
+        areas = self.intersections.sum(axis=1)
+        return self.intersections / (self.region_areas[None, :] + areas[:, None] - self.intersections)
+
+
+def seed_image_ap50(overlaps, predictions, classes):
+    """The seed's per-image AP at IoU 0.5 (see seed_metric), or None for an image without ground-truth instances.
+
+    Its ground truth: the instances (not group regions) of the evaluated classes, whatever their size.
+    """
+    gt = np.flatnonzero(overlaps.is_instance & (classes.class_of_labels(overlaps.region_labels) >= 0))
+    if gt.size == 0:
+        return None
+    gt_classes = classes.class_of_labels(overlaps.region_labels[gt])
+    return matterport_ap50(gt_classes, predictions.classes, predictions.scores, overlaps.ious()[:, gt])
+
+
+def _nanmean(values):
+    """np.nanmean without its warning when everything is NaN (classes absent from the ground truth)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(values))
+
+
+def segm_results(class_aps, class_ap50s, mean_ap, mean_ap50, seed_aps, classes, title):
+    """detectron2-style {"segm": {...}} in percent, logged as a per-class table.
+
+    Args:
+        class_aps, class_ap50s: per class (NaN for a class without ground truth), in [0, 1].
+        mean_ap, mean_ap50: their NaN-ignoring means, in [0, 1].
+        seed_aps: the seed's per-image AP50 of the images with ground-truth instances.
+    """
+    segm = OrderedDict(AP=100 * float(mean_ap), AP50=100 * float(mean_ap50))
+    for name, ap, ap50 in zip(classes.names, class_aps, class_ap50s):
+        segm[f"AP-{name}"] = 100 * float(ap)
+        segm[f"AP50-{name}"] = 100 * float(ap50)
+    segm["seed_AP50"] = 100 * _nanmean(seed_aps) if len(seed_aps) else float("nan")
+    rows = [(name, segm[f"AP-{name}"], segm[f"AP50-{name}"]) for name in classes.names]
+    rows.append(("average", segm["AP"], segm["AP50"]))
+    table = tabulate(rows, headers=["class", "AP", "AP50"], tablefmt="pipe", floatfmt=".3f", numalign="left")
+    logger.info(f"{title}:\n{table}\nseed_AP50 (mean per-image AP@0.5 of the seed project): {segm['seed_AP50']:.3f}")
+    return OrderedDict(segm=segm)
+
+
+class CityscapesEvaluatorBase(DatasetEvaluator):
+    """Reads each processed image's ground truth and predictions; both Cityscapes evaluators build on it."""
+
+    def __init__(self, dataset_name):
+        self._dataset_name = dataset_name
+        self._metadata = MetadataCatalog.get(dataset_name)
+        self._classes = EvaluatedClasses.of_dataset(dataset_name)
+
+    def _images(self, inputs, outputs):
+        """(dataset dict, ground-truth path, ImagePredictions, ImageOverlaps) of each processed image."""
+        for inputs_of_image, output in zip(inputs, outputs):
+            gt_path = gt_instance_ids_path(inputs_of_image, self._metadata)
+            gt_ids = read_gt_instance_ids(gt_path)
+            predictions = ImagePredictions.from_output(
+                output, inputs_of_image["image_id"], gt_ids.shape, gt_path, len(self._classes.names)
+            )
+            yield inputs_of_image, gt_path, predictions, ImageOverlaps.compute(gt_ids, predictions.masks)
+
+    def _warn_if_empty(self, num_images, num_predictions):
+        if num_images == 0:
+            logger.warning(f"{type(self).__name__} on {self._dataset_name}: no images were processed; no results")
+        elif num_predictions == 0:
+            logger.warning(f"{type(self).__name__} on {self._dataset_name}: no predicted instances; AP is 0")

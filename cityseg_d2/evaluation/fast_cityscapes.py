@@ -1,0 +1,180 @@
+"""The Cityscapes instance protocol computed in memory: the official numbers, without writing or reading PNGs.
+
+Each image is reduced, while inference runs, to a few numbers per prediction (its best IoU with a ground-truth
+region of its class, which region, the fraction of it that is ignored); `evaluate` then replays
+evalInstanceLevelSemanticLabeling's evaluateMatches on those arrays. Equality with the script (every AP and AP50,
+overall and per class, to 1e-6) is what tests/test_evaluation.py checks.
+"""
+import itertools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from detectron2.utils import comm
+
+from .cityscapes_common import (
+    IOU_THRESHOLDS,
+    MIN_REGION_SIZE,
+    CityscapesEvaluatorBase,
+    seed_image_ap50,
+    segm_results,
+    _nanmean,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageMatchStats:
+    """What the protocol needs of one image.
+
+    gt_classes: class of each ground-truth instance that can be matched (instance id >= 1000, >= 100 pixels).
+    For each non-empty predicted mask of an evaluated class: its class and score; best_iou, its highest IoU with a
+    ground-truth region of its class (group and small regions included, -1 when there is none); best_gt, the
+    index in gt_classes of that region, -1 when it is a group or small region; ignored_fraction, the part of
+    the mask on void pixels plus on group and small regions of its class (a small group region counts twice,
+    as in the script).
+    """
+
+    gt_classes: np.ndarray
+    pred_classes: np.ndarray
+    scores: np.ndarray
+    best_iou: np.ndarray
+    best_gt: np.ndarray
+    ignored_fraction: np.ndarray
+
+    @classmethod
+    def compute(cls, overlaps, predictions, classes):
+        region_classes = classes.class_of_labels(overlaps.region_labels)
+        small = overlaps.region_areas < MIN_REGION_SIZE
+        matchable = overlaps.is_instance & ~small & (region_classes >= 0)
+        gt_index = np.where(matchable, np.cumsum(matchable) - 1, -1)
+
+        areas = overlaps.intersections.sum(axis=1)
+        kept = areas > 0  # the script skips empty masks
+        intersections, areas = overlaps.intersections[kept], areas[kept]
+        pred_classes = predictions.classes[kept]
+        same_class = region_classes[None, :] == pred_classes[:, None]
+        ious = np.where(same_class, overlaps.ious()[kept], -1.0)
+        best = np.argmax(ious, axis=1)
+        void = np.isin(overlaps.region_ids, classes.void_label_ids)
+        ignored = (
+            intersections[:, void].sum(axis=1)
+            + (intersections * (same_class & ~overlaps.is_instance)).sum(axis=1)
+            + (intersections * (same_class & small)).sum(axis=1)
+        )
+        return cls(
+            gt_classes=region_classes[matchable],
+            pred_classes=pred_classes,
+            scores=predictions.scores[kept],
+            best_iou=ious[np.arange(len(ious)), best],
+            best_gt=gt_index[best],
+            ignored_fraction=ignored / areas,
+        )
+
+
+def _concatenate(stats):
+    """One ImageMatchStats for all images; best_gt indexes the concatenated gt_classes."""
+    offsets = np.cumsum([0] + [len(s.gt_classes) for s in stats[:-1]])
+    best_gt = [np.where(s.best_gt >= 0, s.best_gt + offset, -1) for s, offset in zip(stats, offsets)]
+    fields = ("gt_classes", "pred_classes", "scores", "best_iou", "ignored_fraction")
+    joined = {f: np.concatenate([getattr(s, f) for s in stats]) for f in fields}
+    return ImageMatchStats(best_gt=np.concatenate(best_gt).astype(np.int64), **joined)
+
+
+def curve_average_precision(is_true, scores, hard_false_negatives):
+    """evaluateMatches' area under the precision/recall curve, replicated operation for operation.
+
+    One curve point per distinct score t (precision and recall of the examples scoring >= t; the ground truth
+    never matched counts as missed), plus the point (recall 0, precision 1); the area is sum_i p_i *
+    (r_{i-1} - r_{i+1}) / 2 over the points by increasing score (r_{-1} = r_0, last r = 0). No examples (every
+    prediction ignored, nothing matched) scores 0, where the script would raise an IndexError.
+    """
+    if len(scores) == 0:
+        return 0.0
+    order = np.argsort(scores)
+    sorted_scores, cumulative_true = scores[order], np.cumsum(is_true[order])
+    _, first_index = np.unique(sorted_scores, return_index=True)
+    true_before = np.append(cumulative_true, 0)[first_index - 1]
+    tp = cumulative_true[-1] - true_before
+    fp = len(scores) - first_index - tp
+    fn = true_before + hard_false_negatives
+    precision = np.append(tp / (tp + fp), 1.0)
+    recall = np.append(tp / (tp + fn), 0.0)
+    step_widths = np.convolve(np.concatenate([recall[:1], recall, [0.0]]), [-0.5, 0, 0.5], "valid")
+    return float(np.dot(precision, step_widths))
+
+
+def cityscapes_average_precisions(stats, num_classes):
+    """(num_classes, len(IOU_THRESHOLDS)) AP as evalInstanceLevelSemanticLabeling.evaluateMatches computes it.
+
+    A class without ground truth is NaN, a class with ground truth but no prediction 0. At threshold t a
+    prediction whose best IoU exceeds t belongs to that region: the best-scoring one of a matchable instance is
+    a true positive, the others false positives, and one on a group or small region is dropped. Any other
+    prediction is a false positive unless its ignored fraction exceeds t.
+    """
+    s = _concatenate(stats)
+    aps = np.full((num_classes, len(IOU_THRESHOLDS)), np.nan)
+    for c in range(num_classes):
+        num_gt = np.count_nonzero(s.gt_classes == c)
+        of_class = s.pred_classes == c
+        if num_gt == 0:
+            continue
+        if not of_class.any():
+            aps[c] = 0.0
+            continue
+        scores, best_iou, best_gt = s.scores[of_class], s.best_iou[of_class], s.best_gt[of_class]
+        ignored_fraction = s.ignored_fraction[of_class]
+        for t, threshold in enumerate(IOU_THRESHOLDS):
+            matched = best_iou > threshold
+            on_gt = matched & (best_gt >= 0)
+            gt_of_match, match_scores = best_gt[on_gt], scores[on_gt]
+            # Per instance, the highest score is the true positive (lexsort: by instance, then by score).
+            order = np.lexsort((match_scores, gt_of_match))
+            is_true = np.ones(len(order))
+            is_true[order[:-1]] = gt_of_match[order[:-1]] != gt_of_match[order[1:]]
+            false_positives = ~matched & (ignored_fraction <= threshold)
+            aps[c, t] = curve_average_precision(
+                np.concatenate([is_true, np.zeros(np.count_nonzero(false_positives))]),
+                np.concatenate([match_scores, scores[false_positives]]),
+                num_gt - len(np.unique(gt_of_match)),
+            )
+    return aps
+
+
+class FastCityscapesInstanceEvaluator(CityscapesEvaluatorBase):
+    """Cityscapes instance AP (the official protocol and numbers) computed in memory; a detectron2 evaluator.
+
+    Works under inference_on_dataset with several processes (the main one gathers and evaluates). Returns
+    {"segm": {"AP", "AP50", "AP-<class>", "AP50-<class>", "seed_AP50"}} in percent; NaN for a class that has no
+    ground truth in the dataset, which the means leave out, as the script does.
+    """
+
+    def reset(self):
+        self._stats = []
+        self._seed_aps = []
+
+    def process(self, inputs, outputs):
+        for _, _, predictions, overlaps in self._images(inputs, outputs):
+            self._stats.append(ImageMatchStats.compute(overlaps, predictions, self._classes))
+            self._seed_aps.append(seed_image_ap50(overlaps, predictions, self._classes))
+
+    def evaluate(self):
+        comm.synchronize()
+        stats = list(itertools.chain(*comm.gather(self._stats, dst=0)))
+        seed_aps = [ap for ap in itertools.chain(*comm.gather(self._seed_aps, dst=0)) if ap is not None]
+        if not comm.is_main_process():
+            return {}
+        self._warn_if_empty(len(stats), sum(len(s.scores) for s in stats))
+        if not stats:
+            return {}
+        aps = cityscapes_average_precisions(stats, len(self._classes.names))
+        return segm_results(
+            class_aps=aps.mean(axis=1),
+            class_ap50s=aps[:, 0],
+            mean_ap=_nanmean(aps),
+            mean_ap50=_nanmean(aps[:, 0]),
+            seed_aps=seed_aps,
+            classes=self._classes,
+            title=f"Cityscapes instance AP (fast) on {self._dataset_name}",
+        )
