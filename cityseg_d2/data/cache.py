@@ -50,12 +50,18 @@ def load_or_build(options, fingerprint, build):
 
 
 def _write_atomically(path, key, dicts):
+    """Write to a temporary file and rename it: readers see the old file or the new one, never a partial one."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-            pickle.dump(key, f, protocol=5)
-            pickle.dump(dicts, f, protocol=5)
-        os.replace(f.name, path)
+        fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     except OSError as e:
         logger.warning(f"Cannot write the dataset cache {path} ({e}); set $CITYSEG_D2_CACHE_DIR to a writable folder")
-
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(key, f, protocol=5)
+            pickle.dump(dicts, f, protocol=5)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
