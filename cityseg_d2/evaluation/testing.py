@@ -18,7 +18,7 @@ PERTURBATIONS = (
     "swap_classes",
     "shuffle_scores",
     "tied_scores",  # few distinct scores: ties across images and classes
-    "tiny",  # masks under the 100-pixel minimum region size
+    "tiny",  # masks under the 100-pixel minimum region size, and an empty one
     "absent_classes",  # classes the image (maybe the dataset) has no ground truth of
     "group_void",  # masks on group (crowd) and void regions
     "no_predictions",  # every other image has none
@@ -82,6 +82,8 @@ def perturbed_predictions(gt_ids, classes, perturbation, rng, image_index=0):
         for _ in range(int(rng.integers(1, 5))):
             masks.append(_blob(shape, rng, 6))
             labels.append(int(rng.integers(0, num_classes)))
+        masks.append(np.zeros(shape, bool))  # an empty mask: the script skips it
+        labels.append(int(rng.integers(0, num_classes)))
     if perturbation == "absent_classes" or every:
         absent = sorted(set(range(num_classes)) - set(labels)) or [num_classes - 1]
         for _ in range(int(rng.integers(1, 4))):
