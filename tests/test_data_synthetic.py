@@ -2,8 +2,7 @@
 import glob
 import json
 import os
-import subprocess
-import sys
+import runpy
 from collections import Counter
 
 import cv2
@@ -123,14 +122,12 @@ def test_each_class_has_its_own_colour(varied_root):
     assert len(centres) == 10 and min(distances) > 25
 
 
-def test_cli_writes_the_requested_splits(tmp_path):
+def test_cli_writes_the_requested_splits(tmp_path, capsys):
     out = tmp_path / "cli"
-    result = subprocess.run(
-        [sys.executable, "tools/make_synthetic_cityscapes.py", "--out", str(out), "--train", "2", "--val", "1",
-         "--test", "1", "--width", "128", "--height", "64", "--seed", "1"],
-        check=True, capture_output=True, text=True,
+    runpy.run_path("tools/make_synthetic_cityscapes.py")["main"](
+        ["--out", str(out), "--train", "2", "--val", "1", "--test", "1", "--width", "128", "--height", "64", "--seed", "1"]
     )
-    assert "Wrote 4 images" in result.stdout
+    assert "Wrote 4 images" in capsys.readouterr().out
     for split, count in [("train", 2), ("val", 1), ("test", 1)]:
         assert len(glob.glob(str(out / "leftImg8bit" / split / "*" / "*_leftImg8bit.png"))) == count
         assert len(glob.glob(str(out / "gtFine" / split / "*" / "*_gtFine_instanceIds.png"))) == count
