@@ -54,9 +54,14 @@ def expected_layout(root, split="<split>"):
 
 
 def _list_dir(path):
-    """{name: (size, mtime_ns)} of the files in a folder: one scandir, stats the kernel already has."""
+    """{name: DirEntry} of a folder: one scandir; DirEntry.stat() then costs a syscall only for the files used."""
     with os.scandir(path) as entries:
-        return {e.name: (e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()}
+        return {e.name: e for e in entries}
+
+
+def _stat(entry):
+    stat = entry.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def find_images(root, split, cities=None, mask_source="polygons"):
@@ -81,20 +86,20 @@ def find_images(root, split, cities=None, mask_source="polygons"):
         images = _list_dir(os.path.join(image_dir, city))
         city_gt_dir = os.path.join(gt_dir, city)
         gt_files = _list_dir(city_gt_dir) if os.path.isdir(city_gt_dir) else {}
-        for name, image_stat in images.items():
+        for name, image_entry in images.items():
             if not name.endswith(IMAGE_SUFFIX):
                 continue
             image_id = name[: -len(IMAGE_SUFFIX)]
             gt_name = image_id + gt_suffix
             gt_file = os.path.join(city_gt_dir, gt_name)
-            if gt_name not in gt_files:
-                # The test split's annotations are not public: its images load without any.
-                if split != "test":
-                    raise CityscapesDataError(f"{gt_file} not found: image {image_id} has no gtFine files")
+            stat = _stat(image_entry)
+            if gt_name in gt_files:
+                stat += _stat(gt_files[gt_name])
+            elif split == "test":  # the test split's annotations are not public: its images load without any
                 gt_file = None
-            found.append(
-                ImageFiles(image_id, os.path.join(image_dir, city, name), gt_file, image_stat + gt_files.get(gt_name, ()))
-            )
+            else:
+                raise CityscapesDataError(f"{gt_file} not found: image {image_id} has no gtFine files")
+            found.append(ImageFiles(image_id, os.path.join(image_dir, city, name), gt_file, stat))
     if not found:
         raise CityscapesDataError(f"{image_dir}: empty split, no *{IMAGE_SUFFIX} images in its city folders")
     return sorted(found)
@@ -324,12 +329,13 @@ def parse_images(images, class_set="cityscapes8", mask_source="polygons", worker
             results = list(pool.map(_image_dict_star, jobs, chunksize=16))
     else:
         results = [_image_dict_star(job) for job in jobs]
-    issues = Counter()
-    for _, image_issues in results:
+    issues, first_file = Counter(), {}
+    for image, (_, image_issues) in zip(images, results):
         issues.update(image_issues)
-    image_dir = os.path.dirname(os.path.dirname(images[0].image_file))
+        for reason in image_issues:
+            first_file.setdefault(reason, image.gt_file)
     for reason, count in sorted(issues.items()):
-        logger.warning(f"Skipped {count} object(s) with {reason} in {len(images)} images of {image_dir}")
+        logger.warning(f"Skipped {count} object(s) with {reason} in {len(images)} images (the first in {first_file[reason]})")
     return [record for record, _ in results]
 
 
