@@ -319,3 +319,14 @@ def test_build_evaluator_chooses_from_the_config(sweep_dataset, tmp_path):
     with pytest.raises(ValueError) as error:
         build_evaluator(cfg, name, str(tmp_path))
     assert "TEST.EVALUATORS" in str(error.value) and all(valid in str(error.value) for valid in EVALUATORS)
+
+
+def test_a_missing_ground_truth_file_is_named(tmp_path):
+    gt = _hand_ground_truth()
+    name = "eval_hand_missing"
+    register_cityscapes_instances(name, _write_dataset(tmp_path, [gt]), "val", mask_source="instance_ids")
+    dicts = DatasetCatalog.get(name)
+    missing = gt_instance_ids_path(dicts[0], MetadataCatalog.get(name))
+    os.remove(missing)
+    with pytest.raises(FileNotFoundError, match=f"{missing} not found"):
+        _evaluate(FastCityscapesInstanceEvaluator(name), dicts, [{"instances": _instances(gt.shape, [], [], [])}])

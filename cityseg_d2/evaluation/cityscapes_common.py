@@ -10,12 +10,12 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from PIL import Image
 from tabulate import tabulate
 
 from cityseg_d2.data import gt_instance_ids_path
@@ -69,11 +69,13 @@ class EvaluatedClasses:
 
 
 def read_gt_instance_ids(path):
-    """The instanceIds PNG as an integer array, read like cityscapesscripts reads it."""
-    try:
-        return np.array(Image.open(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ground-truth instance image {path} not found (metadata gt_dir is wrong?)") from None
+    """The instanceIds PNG as a 2-D integer array (the pixels cityscapesscripts reads with PIL)."""
+    gt_ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if gt_ids is None:
+        raise FileNotFoundError(f"ground-truth instance image {path} not found or unreadable (metadata gt_dir wrong?)")
+    if gt_ids.ndim != 2 or gt_ids.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"ground-truth instance image {path} is not a single-channel 8- or 16-bit PNG")
+    return gt_ids
 
 
 @dataclass
@@ -116,12 +118,16 @@ class ImageOverlaps:
 
     @classmethod
     def compute(cls, gt_ids, masks):
-        # Region index per pixel through a lookup table: a bincount instead of sorting like np.unique.
-        counts = np.bincount(gt_ids.ravel())
+        # Pixels per instanceIds value by OpenCV's histogram (several times faster than np.bincount; its float32
+        # counts are exact below 2**24 pixels), then each pixel's region index through a lookup table.
+        if gt_ids.size < 2**24:
+            counts = cv2.calcHist([gt_ids], [0], None, [65536], [0, 65536]).ravel().astype(np.int64)
+        else:
+            counts = np.bincount(gt_ids.ravel(), minlength=65536)
         region_ids = np.flatnonzero(counts)
-        lookup = np.zeros(len(counts), np.int64)
+        lookup = np.zeros(len(counts), np.int32)
         lookup[region_ids] = np.arange(len(region_ids))
-        region_map = lookup[gt_ids]
+        region_map = np.take(lookup, gt_ids)
         intersections = np.zeros((len(masks), len(region_ids)), np.int64)
         # Counting inside each mask's bounding box keeps the work proportional to the masks, not the image.
         rows, cols = masks.any(axis=2), masks.any(axis=1)
