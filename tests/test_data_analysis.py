@@ -25,12 +25,14 @@ def test_stats_count_what_the_instance_images_hold(register_synthetic):
     assert stats["num_images"] == 6 and stats["image_sizes"] == {"512x256": 6}
     assert stats["num_instances"] == sum(len(v) for v in areas.values())
     for class_name, c in stats["per_class"].items():
-        assert c["instances"] == len(areas.get(class_name, [])) == sum(c["area_histogram"]) == c["small"] + c["medium"] + c["large"]
+        histogram = stats["area_histograms"][class_name]
+        assert c["instances"] == len(areas.get(class_name, [])) == sum(histogram) == c["small"] + c["medium"] + c["large"]
         if class_name in areas:
-            assert c["area"]["max"] == max(areas[class_name])
+            assert c["area_max"] == max(areas[class_name])
     assert sum(city["images"] for city in stats["per_city"].values()) == 6
-    assert sum(city.get("instances", 0) for city in stats["per_city"].values()) == stats["num_instances"]
-    assert sum(stats["per_image"]["histogram"].values()) == 6
+    assert sum(city["instances"] for city in stats["per_city"].values()) == stats["num_instances"]
+    assert all(list(city) == ["images", "instances", *meta.thing_classes] for city in stats["per_city"].values())
+    assert sum(stats["instances_per_image"].values()) == 6
     columns, rows = class_table(stats)
     assert [row[0] for row in rows] == meta.thing_classes and len(columns) == len(rows[0])
 

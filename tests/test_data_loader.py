@@ -171,12 +171,25 @@ def test_register_from_config_applies_the_subset_options(register_synthetic, syn
     cfg.DATASETS.CITYSCAPES.TRAIN_MAX_IMAGES = 2
     cfg.DATASETS.CITYSCAPES.TEST_MAX_IMAGES = 3
     cfg.DATASETS.CITYSCAPES.ROOT = "/data/cityscapes"
+    try:
+        register_from_config(cfg)
+        assert len(DatasetCatalog.get("cs_test_cfg_train")) == 2
+        assert len(DatasetCatalog.get("cs_test_cfg_val")) == 3
+        assert MetadataCatalog.get("cs_test_cfg_val").thing_classes == SEED10
+        # ROOT moves the real Cityscapes names only; other names keep their root.
+        assert MetadataCatalog.get("cityscapes_instance_train").root == "/data/cityscapes"
+        assert MetadataCatalog.get("cs_test_cfg_train").root == synthetic_root
+        assert MetadataCatalog.get("coco_2017_val").evaluator_type == "coco"
+    finally:
+        register_cityscapes_instances("cityscapes_instance_train", cityseg_d2.data.default_cityscapes_root(), "train")
+
+
+def test_register_from_config_refuses_one_name_with_two_subsets(register_synthetic):
+    cfg = get_cityseg_cfg()
+    cfg.DATASETS.TRAIN = cfg.DATASETS.TEST = (register_synthetic("cs_test_cfg_both", "val"),)
+    cfg.DATASETS.CITYSCAPES.TRAIN_MAX_IMAGES = 2
+    with pytest.raises(ValueError, match="cs_test_cfg_both is in DATASETS.TRAIN and DATASETS.TEST"):
+        register_from_config(cfg)
+    cfg.DATASETS.CITYSCAPES.TEST_MAX_IMAGES = 2
     register_from_config(cfg)
-    assert len(DatasetCatalog.get("cs_test_cfg_train")) == 2
-    assert len(DatasetCatalog.get("cs_test_cfg_val")) == 3
-    assert MetadataCatalog.get("cs_test_cfg_val").thing_classes == SEED10
-    # ROOT moves the real Cityscapes names only; other names keep their root.
-    assert MetadataCatalog.get("cityscapes_instance_train").root == "/data/cityscapes"
-    assert MetadataCatalog.get("cs_test_cfg_train").root == synthetic_root
-    assert MetadataCatalog.get("coco_2017_val").evaluator_type == "coco"
-    register_cityscapes_instances("cityscapes_instance_train", cityseg_d2.data.default_cityscapes_root(), "train")
+    assert len(DatasetCatalog.get("cs_test_cfg_both")) == 2

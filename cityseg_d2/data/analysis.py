@@ -28,14 +28,16 @@ def instance_area(annotation, height, width):
     return float(area)
 
 
-def _summary(values):
-    if not values:
-        return {"mean": 0.0, "median": 0.0, "min": 0.0, "max": 0.0}
-    return {"mean": float(np.mean(values)), "median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
+def _summary(values, prefix=""):
+    functions = {"mean": np.mean, "median": np.median, "min": np.min, "max": np.max}
+    return {prefix + name: float(function(values)) if len(values) else 0.0 for name, function in functions.items()}
 
 
 def dataset_stats(dicts, thing_classes, name=""):
-    """Counts per class, city and image, instance areas per class (with log-scale histograms), image sizes."""
+    """Counts per class, city and image, instance areas per class (with log-scale histograms), image sizes.
+
+    Records are flat (scalars only) so that each mapping of records reads as a table.
+    """
     areas = defaultdict(list)
     crowds, images_with = Counter(), Counter()
     cities = defaultdict(Counter)
@@ -66,8 +68,7 @@ def dataset_stats(dicts, thing_classes, name=""):
             "small": sum(a < _SMALL for a in class_areas),
             "medium": sum(_SMALL <= a < _MEDIUM for a in class_areas),
             "large": sum(a >= _MEDIUM for a in class_areas),
-            "area": _summary(class_areas),
-            "area_histogram": np.histogram(class_areas, _AREA_BINS)[0].tolist(),
+            **_summary(class_areas, "area_"),
         }
     return {
         "name": name,
@@ -76,13 +77,14 @@ def dataset_stats(dicts, thing_classes, name=""):
         "num_crowd_regions": int(sum(crowds.values())),
         "classes": list(thing_classes),
         "per_class": per_class,
-        "per_city": {city: dict(counts) for city, counts in sorted(cities.items())},
-        "per_image": {
-            **_summary(per_image),
-            "without_instances": per_image.count(0),
-            "histogram": {str(k): v for k, v in sorted(Counter(per_image).items())},
+        "per_city": {
+            city: {column: counts[column] for column in ["images", "instances", *thing_classes]}
+            for city, counts in sorted(cities.items())
         },
+        "per_image": {**_summary(per_image), "without_instances": per_image.count(0)},
+        "instances_per_image": {str(k): v for k, v in sorted(Counter(per_image).items())},
         "image_sizes": dict(sizes),
+        "area_histograms": {name: np.histogram(areas[name], _AREA_BINS)[0].tolist() for name in thing_classes},
         "area_bin_edges": _AREA_BINS.tolist(),
     }
 
@@ -99,7 +101,7 @@ def class_table(stats):
     columns = ["class", "instances", "crowd_regions", "images", "small", "medium", "large", "mean_area", "median_area"]
     rows = [
         [name, c["instances"], c["crowd_regions"], c["images"], c["small"], c["medium"], c["large"],
-         round(c["area"]["mean"], 1), round(c["area"]["median"], 1)]
+         round(c["area_mean"], 1), round(c["area_median"], 1)]
         for name, c in stats["per_class"].items()
     ]
     return columns, rows
@@ -115,7 +117,7 @@ def format_tables(stats):
     """The stats as printable tables: per class, per city, per image and image sizes."""
     p = stats["per_image"]
     city_columns = ["city", "images", "instances"] + stats["classes"]
-    city_rows = [[city] + [counts.get(column, 0) for column in city_columns[1:]] for city, counts in stats["per_city"].items()]
+    city_rows = [[city, *counts.values()] for city, counts in stats["per_city"].items()]
     return "\n\n".join(
         [
             f"{stats['name'] or 'dataset'}: {stats['num_images']} images, {stats['num_instances']} instances, "
@@ -151,7 +153,7 @@ def write_report(stats, out_dir):
     _save_bar(paths["class_counts.png"], classes, [stats["per_class"][c]["instances"] for c in classes], "Instances per class", "instances")
     cities = list(stats["per_city"])
     _save_bar(paths["city_counts.png"], cities, [stats["per_city"][c]["images"] for c in cities], "Images per city", "images")
-    histogram = stats["per_image"]["histogram"]
+    histogram = stats["instances_per_image"]
     _save_bar(paths["instances_per_image.png"], list(histogram), list(histogram.values()), "Instances per image", "images")
 
     columns = 4
@@ -160,7 +162,7 @@ def write_report(stats, out_dir):
     edges = stats["area_bin_edges"]
     for i, name in enumerate(classes):
         axes = figure.add_subplot(rows, columns, i + 1)
-        axes.stairs(stats["per_class"][name]["area_histogram"], edges, fill=True, color="#4477aa")
+        axes.stairs(stats["area_histograms"][name], edges, fill=True, color="#4477aa")
         axes.set(xscale="log", title=name, xlabel="instance area (pixels)", ylabel="instances")
     figure.savefig(paths["instance_areas.png"], dpi=100)
     return paths
