@@ -1,5 +1,6 @@
 """The Cityscapes loader and its registration, checked against the official instanceIds.png files."""
 import json
+import os
 from collections import Counter
 
 import cv2
@@ -16,11 +17,15 @@ import cityseg_d2  # noqa: F401  registers the builtin datasets
 from cityseg_d2.config import get_cityseg_cfg
 from cityseg_d2.data import (
     CityscapesDataError,
+    default_cityscapes_root,
+    default_synthetic_root,
     gt_instance_ids_path,
     register_cityscapes_instances,
     register_from_config,
 )
+from cityseg_d2.data.cityscapes import find_images, parse_images
 from cityseg_d2.data.classes import resolve_label
+from cityseg_d2.data.synthetic import make_synthetic_cityscapes
 
 SEED10 = ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "caravan", "trailer"]
 
@@ -45,6 +50,17 @@ def test_builtin_datasets_are_registered_with_their_metadata():
             assert meta.thing_colors[2] == name2label["car"].color
             assert meta.evaluator_type == "cityscapes_instance"
             assert meta.image_dir.endswith(f"leftImg8bit/{split}") and meta.gt_dir.endswith(f"gtFine/{split}")
+
+
+def test_default_roots_follow_the_environment(monkeypatch):
+    monkeypatch.delenv("CITYSCAPES_DATASET", raising=False)
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    assert default_cityscapes_root() == os.path.join("datasets", "cityscapes")
+    assert default_synthetic_root() == os.path.join("datasets", "cityscapes_synthetic")
+    monkeypatch.setenv("DETECTRON2_DATASETS", "/d2")
+    assert (default_cityscapes_root(), default_synthetic_root()) == ("/d2/cityscapes", "/d2/cityscapes_synthetic")
+    monkeypatch.setenv("CITYSCAPES_DATASET", "/cs")
+    assert (default_cityscapes_root(), default_synthetic_root()) == ("/cs", "/d2/cityscapes_synthetic")
 
 
 def test_registration_is_lazy_and_a_missing_root_names_layout_and_variables(tmp_path):
@@ -181,7 +197,7 @@ def test_register_from_config_applies_the_subset_options(register_synthetic, syn
         assert MetadataCatalog.get("cs_test_cfg_train").root == synthetic_root
         assert MetadataCatalog.get("coco_2017_val").evaluator_type == "coco"
     finally:
-        register_cityscapes_instances("cityscapes_instance_train", cityseg_d2.data.default_cityscapes_root(), "train")
+        register_cityscapes_instances("cityscapes_instance_train", default_cityscapes_root(), "train")
 
 
 def test_register_from_config_refuses_one_name_with_two_subsets(register_synthetic):
@@ -193,3 +209,9 @@ def test_register_from_config_refuses_one_name_with_two_subsets(register_synthet
     cfg.DATASETS.CITYSCAPES.TEST_MAX_IMAGES = 2
     register_from_config(cfg)
     assert len(DatasetCatalog.get("cs_test_cfg_both")) == 2
+
+
+def test_parallel_parse_equals_serial_parse(tmp_path):
+    root = make_synthetic_cityscapes(tmp_path, {"val": 64}, width=128, height=64, seed=2)
+    images = find_images(root, "val")
+    assert parse_images(images, workers=2) == parse_images(images, workers=1)

@@ -6,6 +6,7 @@ keeps occlusion holes (detectron2 drops them), checks the files and says which o
 """
 import json
 import logging
+import multiprocessing
 import os
 import random
 import struct
@@ -322,7 +323,8 @@ def _image_dict_star(args):
 
 def parse_images(images, class_set="cityscapes8", mask_source="polygons", workers=None):
     """Dicts of the images, in parallel processes for large sets; logs one warning per kind of skipped object."""
-    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if workers is None:  # daemonic processes (e.g. DataLoader workers) cannot start a pool
+        workers = 1 if multiprocessing.current_process().daemon else min(os.cpu_count() or 1, 8)
     jobs = [(image, class_set, mask_source) for image in images]
     if workers > 1 and len(jobs) >= _PARALLEL_MIN_IMAGES:
         with ProcessPoolExecutor(workers) as pool:
