@@ -33,7 +33,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Parts of a visible region smaller than this (in pixels) are slivers left by the polygon arithmetic.
 _MIN_PART_AREA = 1.0
 _PARALLEL_MIN_IMAGES = 64
-_GROW = 0.35
+# How far (in pixels) a polygon is grown so that pycocotools rasterizes it like PIL draws it; measured on the
+# synthetic set: 0.35 gives the best IoU with instanceIds.png (0.5 over-covers diagonal edges, 0.25 under-covers).
+_POLYGON_GROWTH = 0.35
 
 
 class CityscapesDataError(ValueError):
@@ -159,12 +161,13 @@ def _pixel_region(coords):
     """The region cityscapesscripts' PIL drawing fills for a polygon, in detectron2's pixel coordinates.
 
     PIL fills the pixels whose centre lies inside or on the polygon, with centres at integer coordinates;
-    detectron2 puts them at +0.5. So shift by 0.5 and grow by half a pixel (mitre joins keep the vertex count).
+    detectron2 puts them at +0.5. So shift by 0.5, and grow a little to take in the pixels whose centres lie on
+    the edges (mitre joins keep the vertex count).
     """
     polygon = shapely.Polygon(coords + 0.5)
     if not polygon.is_valid:
         polygon = shapely.make_valid(polygon)
-    return polygon.buffer(_GROW, join_style="mitre", mitre_limit=2.0, cap_style="square")
+    return polygon.buffer(_POLYGON_GROWTH, join_style="mitre", mitre_limit=2.0, cap_style="square")
 
 
 def _split_holes(polygon):
