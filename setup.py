@@ -21,12 +21,13 @@ setup(
         "opencv-python-headless>=4.8",
         "Pillow>=9",
         "ray[tune]>=2.9",
-        "wandb>=0.16",
+        # wandb.login(prompt=False), used to tell online from offline, came with 0.31.
+        "wandb>=0.31",
         "optuna>=3.0",
         "matplotlib",
         "tqdm",
         "PyYAML",
-        # detectron2's polygon loader (used by tools/benchmark_data.py as the reference) needs shapely.
+        # Resolves overlapping Cityscapes polygons into visible parts (and detectron2's loader, our benchmark's reference).
         "shapely",
         # detectron2.model_zoo imports pkg_resources, which setuptools 81 removed.
         "setuptools<81",

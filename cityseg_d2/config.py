@@ -41,10 +41,11 @@ def _add_training_keys(cfg):
 
 
 def _add_wandb_keys(cfg):
-    # Weights & Biases; WANDB_* environment variables fill what is left empty here.
+    # Weights & Biases, on when ENABLED or $WANDB_PROJECT is set; WANDB_* environment variables fill what is
+    # left empty here (see cityseg_d2.integrations.wandb).
     w = cfg.WANDB = CN()
     w.ENABLED = False
-    w.PROJECT = "cityseg-d2"
+    w.PROJECT = ""  # "" = $WANDB_PROJECT, else "cityseg-d2"
     w.ENTITY = ""
     w.NAME = ""
     w.GROUP = ""

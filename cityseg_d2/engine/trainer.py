@@ -1,0 +1,102 @@
+"""detectron2's DefaultTrainer with Cityscapes evaluators, best-checkpoint keeping and a divergence message."""
+import logging
+import os
+import pickle
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.utils import comm
+
+from ..data.analysis import registered_dataset_stats
+from ..evaluation import build_evaluator
+from ..integrations.wandb import WandbWriter, build_wandb_hooks, init_wandb_run, log_dataset_stats
+from .setup import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+# What torch.load / pickle raise on a file that is not a checkpoint, or one of another model.
+_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+def _weights_error(weights, error):
+    return ConfigError(f"MODEL.WEIGHTS {weights!r} could not be loaded: {str(error).strip().splitlines()[0]}")
+
+
+class TrainingDivergedError(FloatingPointError):
+    """A loss became NaN or inf; the message says at which iteration and what usually helps."""
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer whose evaluators come from TEST.EVALUATORS, which keeps the best checkpoint and logs to
+    Weights & Biases when WANDB.ENABLED (or $WANDB_PROJECT) says so.
+
+    Data loading is detectron2's DatasetMapper: the Cityscapes recipe's multi-scale resize and flips come from
+    INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP (and INPUT.CROP), as in every detectron2 config.
+    """
+
+    def __init__(self, cfg, config_file=None, wandb_group=None, wandb_name=None, wandb_extra_config=None):
+        # The run must exist before DefaultTrainer.__init__ builds the writers and hooks that log to it.
+        self.wandb_run = init_wandb_run(
+            cfg, config_file=config_file, group=wandb_group, name=wandb_name, extra_config=wandb_extra_config
+        )
+        if self.wandb_run is not None and cfg.WANDB.LOG_DATASET_STATS:
+            for name in cfg.DATASETS.TRAIN:
+                log_dataset_stats(self.wandb_run, registered_dataset_stats(name), prefix=f"dataset/{name}")
+        super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        try:
+            return super().build_train_loader(cfg)
+        except AssertionError as e:  # detectron2 asserts on empty data sets ("Dataset '...' is empty!")
+            raise ConfigError(f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}: {e}") from e
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        metric = self.cfg.CITYSEG.BEST_CHECKPOINT_METRIC
+        best = None
+        if metric and self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
+            best = hooks.BestCheckpointer(
+                self.cfg.TEST.EVAL_PERIOD, self.checkpointer, metric, mode=self.cfg.CITYSEG.BEST_CHECKPOINT_MODE
+            )
+        # After the EvalHook whose results they read, before the PeriodicWriter that is always last (its
+        # after_train closes the writers, which finishes the W&B run).
+        ret[-1:-1] = ([best] if best else []) + build_wandb_hooks(self.wandb_run, self.cfg, best)
+        return ret
+
+    def build_writers(self):
+        return super().build_writers() + ([WandbWriter(self.wandb_run)] if self.wandb_run is not None else [])
+
+    def resume_or_load(self, resume=True):
+        try:
+            super().resume_or_load(resume=resume)
+        except _LOAD_ERRORS as e:
+            raise _weights_error(self.cfg.MODEL.WEIGHTS, e) from e
+
+    def train(self):
+        try:
+            return super().train()
+        except FloatingPointError as e:
+            if isinstance(e, TrainingDivergedError):
+                raise
+            raise TrainingDivergedError(
+                f"training diverged at iteration {self.iter}: {str(e).splitlines()[0]} Lower SOLVER.BASE_LR, raise "
+                "SOLVER.WARMUP_ITERS or turn on SOLVER.CLIP_GRADIENTS.ENABLED; with random init use GN or BN, not FrozenBN."
+            ) from e
+
+    @classmethod
+    def evaluate_weights(cls, cfg, resume=False):
+        """--eval-only: load MODEL.WEIGHTS (or the last checkpoint with resume) and evaluate DATASETS.TEST."""
+        model = cls.build_model(cfg)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        try:
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        except _LOAD_ERRORS as e:
+            raise _weights_error(cfg.MODEL.WEIGHTS, e) from e
+        return cls.test(cfg, model)
