@@ -1,6 +1,7 @@
 """The evaluators against the real cityscapesscripts, pycocotools and detectron2: the fast evaluator gives the
 official script's numbers on many kinds of predictions, the seed metric its hand-computed values, bad input a
 clear error."""
+
 import json
 import math
 import os
@@ -283,7 +284,9 @@ def test_official_evaluator_restores_the_script_and_saves_its_json(sweep_dataset
     name = sweep_dataset("cityscapes8")
     args_before, labels_before = dict(vars(script.args)), script.labels
     output_dir = tmp_path / "inference"
-    results = _evaluate(CityscapesInstanceEvaluator(name, str(output_dir)), DatasetCatalog.get(name), _outputs(name, "drop", 0))
+    results = _evaluate(
+        CityscapesInstanceEvaluator(name, str(output_dir)), DatasetCatalog.get(name), _outputs(name, "drop", 0)
+    )
     assert vars(script.args).keys() == args_before.keys()
     assert all(vars(script.args)[key] is value for key, value in args_before.items())
     assert script.labels is labels_before

@@ -1,5 +1,6 @@
 """The evaluators under detectron2's inference_on_dataset: on a real (tiny, random) Mask R-CNN, and in two
 processes (gloo on the CPU) whose results must equal one process's."""
+
 import json
 import math
 import zlib

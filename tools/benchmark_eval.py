@@ -9,6 +9,7 @@ largest absolute difference over all reported APs.
 
     python tools/benchmark_eval.py --images 500 --width 1024 --height 512
 """
+
 import argparse
 import math
 import tempfile
@@ -35,7 +36,9 @@ def parse_args():
     parser.add_argument("--mean-instances", type=float, default=15, help="ground-truth instances per image")
     parser.add_argument("--perturbation", default="mixed", choices=PERTURBATIONS)
     parser.add_argument(
-        "--detections-per-image", type=int, default=100,
+        "--detections-per-image",
+        type=int,
+        default=100,
         help="pad each image's predictions with low-scoring false positives up to this many, as Mask R-CNN's "
         "output usually is (TEST.DETECTIONS_PER_IMAGE); 0 = the perturbed ground truth only",
     )
@@ -91,9 +94,13 @@ def main():
         make_synthetic_cityscapes(
             root, {"val": args.images}, args.width, args.height, args.seed, args.mean_instances, args.workers
         )
-        print(f"synthetic val split: {args.images} images of {args.width}x{args.height} in {root} "
-              f"({time.perf_counter() - start:.1f} s to write)")
-        register_cityscapes_instances(DATASET, root, "val", class_set=args.class_set, mask_source="instance_ids", cache=False)
+        print(
+            f"synthetic val split: {args.images} images of {args.width}x{args.height} in {root} "
+            f"({time.perf_counter() - start:.1f} s to write)"
+        )
+        register_cityscapes_instances(
+            DATASET, root, "val", class_set=args.class_set, mask_source="instance_ids", cache=False
+        )
         dataset_dicts = DatasetCatalog.get(DATASET)
 
         official, official_seconds, num_predictions = timed_evaluation(
@@ -102,12 +109,18 @@ def main():
         fast, fast_seconds, _ = timed_evaluation(FastCityscapesInstanceEvaluator(DATASET), dataset_dicts, args)
 
     n = len(dataset_dicts)
-    print(f"predictions: {num_predictions} instances ({num_predictions / n:.1f} per image), perturbation "
-          f"{args.perturbation!r}, class set {args.class_set}")
-    print(f"official (cityscapesscripts): {official_seconds:8.2f} s  ({1000 * official_seconds / n:7.1f} ms/image)  "
-          f"AP {official['segm']['AP']:.3f}  AP50 {official['segm']['AP50']:.3f}")
-    print(f"fast (in memory):             {fast_seconds:8.2f} s  ({1000 * fast_seconds / n:7.1f} ms/image)  "
-          f"AP {fast['segm']['AP']:.3f}  AP50 {fast['segm']['AP50']:.3f}")
+    print(
+        f"predictions: {num_predictions} instances ({num_predictions / n:.1f} per image), perturbation "
+        f"{args.perturbation!r}, class set {args.class_set}"
+    )
+    print(
+        f"official (cityscapesscripts): {official_seconds:8.2f} s  ({1000 * official_seconds / n:7.1f} ms/image)  "
+        f"AP {official['segm']['AP']:.3f}  AP50 {official['segm']['AP50']:.3f}"
+    )
+    print(
+        f"fast (in memory):             {fast_seconds:8.2f} s  ({1000 * fast_seconds / n:7.1f} ms/image)  "
+        f"AP {fast['segm']['AP']:.3f}  AP50 {fast['segm']['AP50']:.3f}"
+    )
     print(f"speed ratio (official / fast): {official_seconds / fast_seconds:.1f}x")
     print(f"largest absolute AP difference: {largest_difference(official['segm'], fast['segm']):.3g}")
 

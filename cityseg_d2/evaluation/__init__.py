@@ -3,6 +3,7 @@
 All report {"segm": {"AP", "AP50", ...}} in percent like detectron2's; the Cityscapes ones add per-class AP and
 the seed project's metric, seed_AP50.
 """
+
 from .build import EVALUATORS, build_evaluator
 from .fast_cityscapes import FastCityscapesInstanceEvaluator
 from .official_cityscapes import CityscapesInstanceEvaluator

@@ -1,4 +1,5 @@
 """build_evaluator: the evaluators named in cfg.TEST.EVALUATORS."""
+
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
 
 from .fast_cityscapes import FastCityscapesInstanceEvaluator

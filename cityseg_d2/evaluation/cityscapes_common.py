@@ -5,6 +5,7 @@ The protocol is cityscapesscripts' evalInstanceLevelSemanticLabeling: AP average
 0.5:0.95, ground-truth instances under 100 pixels and group regions (instance id < 1000) are not matched, and an
 unmatched prediction that mostly covers void, group or small regions is not a false positive.
 """
+
 import logging
 import warnings
 from collections import OrderedDict
@@ -164,7 +165,7 @@ def seed_image_ap50(overlaps, predictions, classes):
     return matterport_ap50(gt_classes, predictions.classes, predictions.scores, overlaps.ious()[:, gt])
 
 
-def _nanmean(values):
+def quiet_nanmean(values):
     """np.nanmean without its warning when everything is NaN (classes absent from the ground truth)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -183,7 +184,7 @@ def segm_results(class_aps, class_ap50s, mean_ap, mean_ap50, seed_aps, classes, 
     for name, ap, ap50 in zip(classes.names, class_aps, class_ap50s):
         segm[f"AP-{name}"] = 100 * float(ap)
         segm[f"AP50-{name}"] = 100 * float(ap50)
-    segm["seed_AP50"] = 100 * _nanmean(seed_aps) if len(seed_aps) else float("nan")
+    segm["seed_AP50"] = 100 * quiet_nanmean(seed_aps) if len(seed_aps) else float("nan")
     rows = [(name, segm[f"AP-{name}"], segm[f"AP50-{name}"]) for name in classes.names]
     rows.append(("average", segm["AP"], segm["AP50"]))
     table = tabulate(rows, headers=["class", "AP", "AP50"], tablefmt="pipe", floatfmt=".3f", numalign="left")

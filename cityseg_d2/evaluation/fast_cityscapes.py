@@ -5,8 +5,8 @@ region of its class, which region, the fraction of it that is ignored); `evaluat
 evalInstanceLevelSemanticLabeling's evaluateMatches on those arrays. Equality with the script (every AP and AP50,
 overall and per class, to 1e-6) is what tests/test_evaluation.py checks.
 """
+
 import itertools
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +17,9 @@ from .cityscapes_common import (
     MIN_REGION_SIZE,
     CityscapesEvaluatorBase,
     seed_image_ap50,
+    quiet_nanmean,
     segm_results,
-    _nanmean,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,8 +170,8 @@ class FastCityscapesInstanceEvaluator(CityscapesEvaluatorBase):
         return segm_results(
             class_aps=aps.mean(axis=1),
             class_ap50s=aps[:, 0],
-            mean_ap=_nanmean(aps),
-            mean_ap50=_nanmean(aps[:, 0]),
+            mean_ap=quiet_nanmean(aps),
+            mean_ap50=quiet_nanmean(aps[:, 0]),
             seed_aps=seed_aps,
             classes=self._classes,
             title=f"Cityscapes instance AP (fast) on {self._dataset_name}",

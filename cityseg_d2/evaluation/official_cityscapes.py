@@ -5,6 +5,7 @@ matches.json into the working directory and fails on numpy-2 integers; so this e
 files the script reads and runs its steps itself (setInstanceLabels, getGtInstances, matchGtWithPreds,
 evaluateMatches, computeAverages), restoring the module state it changes.
 """
+
 import itertools
 import json
 import logging
@@ -62,8 +63,9 @@ def _sentinel_image(label_names):
 def run_official_evaluation(gt_files, prediction_files, prediction_dir, classes):
     """evalInstanceLevelSemanticLabeling's result dict (the JSON the script exports) for these files.
 
-    Evaluates the classes `classes` names; ignoreInEval labels other than those are void, so "seed10" counts
-    caravan and trailer as classes instead of void. The module's `args` and `labels` are restored afterwards.
+    Evaluates the labels of `classes` (EvaluatedClasses); the ignoreInEval labels other than those are void, so
+    "seed10" evaluates caravan and trailer instead of treating them as void. The module's `args` and `labels`
+    are restored afterwards.
     """
     args = script.args
     saved_args, saved_labels = dict(vars(args)), script.labels

@@ -5,6 +5,7 @@ evaluators report it as `seed_AP50` so that number compares like for like. It is
 image is its own precision/recall curve, a prediction matches a ground-truth instance of the same class with
 IoU >= 0.5 (not > 0.5), precision is made monotone (VOC style) and nothing is ignored.
 """
+
 import numpy as np
 
 IOU_THRESHOLD = 0.5

@@ -1,6 +1,7 @@
 """Predictions made from the ground truth with controlled errors: what the evaluator tests and
 tools/benchmark_eval.py feed the evaluators, so the official and the fast numbers can be compared on many cases.
 """
+
 import cv2
 import numpy as np
 import torch
