@@ -1,0 +1,228 @@
+"""Real Ray Tune sweeps on the CPU with tiny trials on the synthetic data.
+
+A sweep of three trials checks sampling, reporting, ASHA, W&B runs (offline), the summary and best_config.yaml
+(trained by train_net); one run serves all those tests (module fixture): trials run one at a time in grid order, so ASHA's
+decisions are deterministic. The grid's MODEL.RPN.LOSS_WEIGHT 20 multiplies the RPN losses, so that trial's
+total_loss is far above the others' at the first rung (iteration 4) and ASHA stops it there.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import yaml
+
+from cityseg_d2.engine.setup import load_config
+from cityseg_d2.integrations import ray_tune
+from test_wandb import _records as wandb_records  # reads an offline W&B run file
+
+pytestmark = pytest.mark.slow
+
+QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
+# 8 iterations at 128 px, evaluation (and a Tune report) every 4 on 2 val images; no data-loader processes.
+TINY_OPTS = [
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "256", "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "256", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(100,)",
+    "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "4", "SOLVER.CHECKPOINT_PERIOD", "1000",
+    "DATASETS.CITYSCAPES.TEST_MAX_IMAGES", "2", "DATALOADER.NUM_WORKERS", "0", "CITYSEG.BEST_CHECKPOINT_METRIC", "",
+    "SEED", "0", "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.FC_DIM", "128", "MODEL.ROI_MASK_HEAD.CONV_DIM", "64",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def detectron2_datasets(synthetic_root, tmp_path_factory):
+    """A $DETECTRON2_DATASETS holding the synthetic set as cityscapes_synthetic, the builtin names' root."""
+    datasets = tmp_path_factory.mktemp("detectron2_datasets")
+    os.symlink(synthetic_root, datasets / "cityscapes_synthetic")
+    return str(datasets)
+
+
+def training_starts(output_dir):
+    """The iterations each (re)start of a trial's training began at, from its detectron2 log.txt."""
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        return [int(line.split()[-1]) for line in f if "Starting training from iteration" in line]
+
+
+WANDB_OPTS = ["WANDB.ENABLED", "True", "WANDB.NUM_VIS_IMAGES", "0", "WANDB.LOG_DATASET_STATS", "False"]
+ANCHORS = [[[16], [32], [64], [128], [256]], [[32], [64], [128], [256], [512]]]
+SWEEP = {
+    "name": "tiny",
+    "metric": "total_loss",
+    "mode": "min",
+    "max_concurrent_trials": 1,
+    "resources": {"cpus_per_trial": 1},
+    "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
+    "search": {"type": "random", "seed": 0},
+    "space": {
+        "MODEL.RPN.LOSS_WEIGHT": {"grid": [1.0, 20.0, 1.5]},
+        "SOLVER.BASE_LR": {"loguniform": [1.0e-4, 3.0e-4]},
+        "MODEL.ANCHOR_GENERATOR.SIZES": {"choice": ANCHORS},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def swept(detectron2_datasets, tmp_path_factory):
+    """Run the sweep once, with W&B offline; yields (sweep, base cfg, ResultGrid, rows, experiment dir, W&B dir)."""
+    storage = str(tmp_path_factory.mktemp("sweeps"))
+    wandb_dir = str(tmp_path_factory.mktemp("wandb"))
+    cfg = load_config(QUICKSTART, TINY_OPTS + WANDB_OPTS)
+    sweep = ray_tune.parse_sweep(SWEEP, source="tiny.yaml")
+    ray_tune.validate_sweep(sweep, cfg)
+    with pytest.MonkeyPatch.context() as env:
+        # Ray's workers inherit the environment of the raylet that connect_ray starts here.
+        env.setenv("DETECTRON2_DATASETS", detectron2_datasets)
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_DIR", wandb_dir)
+        ray_tune.connect_ray(num_cpus=2)
+        try:
+            sweep = ray_tune.resolve_resources(sweep, cfg, ray.cluster_resources())
+            results = ray_tune.start_sweep(sweep, cfg, storage)
+        finally:
+            ray.shutdown()
+        rows = ray_tune.trial_rows(results, sweep, cfg)
+        experiment_dir = ray_tune.experiment_path(storage, sweep.name)
+        ray_tune.write_summary(rows, experiment_dir)
+        yield sweep, cfg, results, rows, experiment_dir, wandb_dir
+
+
+def test_every_trial_trained_its_own_sampled_values(swept):
+    sweep, _, results, rows, _, _ = swept
+    assert len(rows) == 3 and not any(r.error for r in results)
+    assert sorted(r["MODEL.RPN.LOSS_WEIGHT"] for r in rows) == [1.0, 1.5, 20.0]
+    assert len({r["SOLVER.BASE_LR"] for r in rows}) == 3
+    for row in rows:
+        # The trial's own detectron2 config.yaml (written by default_setup in the trial) holds its values.
+        with open(os.path.join(row["output_dir"], "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+        assert saved["MODEL"]["RPN"]["LOSS_WEIGHT"] == row["MODEL.RPN.LOSS_WEIGHT"]
+        assert saved["SOLVER"]["BASE_LR"] == pytest.approx(row["SOLVER.BASE_LR"])
+        assert saved["MODEL"]["ANCHOR_GENERATOR"]["SIZES"] == row["MODEL.ANCHOR_GENERATOR.SIZES"]
+        assert row["MODEL.ANCHOR_GENERATOR.SIZES"] in ANCHORS
+        assert saved["MODEL"]["DEVICE"] == "cpu" and saved["OUTPUT_DIR"] == row["output_dir"]
+        assert training_starts(row["output_dir"]) == [0]
+
+
+def test_trials_report_losses_and_the_fast_evaluators_results_at_each_evaluation(swept):
+    _, _, results, _, _, _ = swept
+    for result in results:
+        history = result.metrics_dataframe
+        assert list(history["iteration"])[:2] == [4, 8][: len(history)]
+        assert {"total_loss", "loss_mask", "segm/AP", "segm/AP50", "segm/seed_AP50"} <= set(history.columns)
+        assert sorted(os.listdir(result.checkpoint.path)) == ["last_checkpoint", "tune_checkpoint.pth", "tune_metrics.json"]
+
+
+def test_asha_stops_the_trial_with_the_bad_loss_weight_at_the_first_rung(swept):
+    _, _, _, rows, _, _ = swept
+    outcome = {r["MODEL.RPN.LOSS_WEIGHT"]: (r["status"], r["iterations"]) for r in rows}
+    assert outcome == {1.0: ("finished", 8), 1.5: ("finished", 8), 20.0: ("stopped early", 4)}
+    assert rows[-1]["MODEL.RPN.LOSS_WEIGHT"] == 20.0  # worst total_loss ranks last
+
+
+def test_summary_files_rank_trials_best_first(swept):
+    sweep, _, _, rows, experiment_dir, _ = swept
+    losses = [r["total_loss"] for r in rows]
+    assert losses == sorted(losses)
+    with open(os.path.join(experiment_dir, "trials.csv")) as f:
+        header, *lines = f.read().splitlines()
+    assert header.split(",")[:3] == ["rank", "trial", "MODEL.RPN.LOSS_WEIGHT"]
+    assert [line.split(",")[1] for line in lines] == [r["trial"] for r in rows]
+    with open(os.path.join(experiment_dir, ray_tune.SAVED_SWEEP)) as f:
+        assert yaml.safe_load(f)["space"] == SWEEP["space"]
+
+
+def test_every_trial_is_a_wandb_run_of_the_sweeps_group_stopped_ones_too(swept):
+    _, _, _, rows, _, wandb_dir = swept
+    runs = {}
+    for path in glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "run-*.wandb")):
+        records = {}
+        for record in wandb_records(path):
+            records.setdefault(record.WhichOneof("record_type"), record)
+        runs[records["run"].run.display_name] = records
+    assert sorted(runs) == sorted(r["trial"] for r in rows)
+    for row in rows:
+        records = runs[row["trial"]]
+        assert records["run"].run.run_group == "tiny"
+        assert records["exit"].exit.exit_code == 0  # finished, also when ASHA stopped the trial
+        (tune_item,) = [item for item in records["run"].run.config.update if item.key == "tune"]
+        assert json.loads(tune_item.value_json)["MODEL.RPN.LOSS_WEIGHT"] == row["MODEL.RPN.LOSS_WEIGHT"]
+
+
+def test_best_config_trains_with_train_net_as_it_is(swept, detectron2_datasets):
+    sweep, cfg, _, rows, experiment_dir, _ = swept
+    path = ray_tune.write_best_config(rows, sweep, cfg, experiment_dir)
+    best = load_config(path)
+    assert best.SOLVER.BASE_LR == pytest.approx(rows[0]["SOLVER.BASE_LR"])
+    assert best.MODEL.RPN.LOSS_WEIGHT == rows[0]["MODEL.RPN.LOSS_WEIGHT"]
+    assert best.OUTPUT_DIR == os.path.join(experiment_dir, "best")
+    run = subprocess.run(
+        [sys.executable, "tools/train_net.py", "--config-file", path, "SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "DETECTRON2_DATASETS": detectron2_datasets},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert os.path.isfile(os.path.join(best.OUTPUT_DIR, "model_final.pth"))
+
+
+def _starts_of(experiment, pattern):
+    logs = list(experiment.glob(f"{pattern}/output/log.txt"))
+    return training_starts(logs[0].parent) if logs else []
+
+
+def _tune_net(args, env, **kwargs):
+    return [sys.executable, "tools/tune_net.py", "--config-file", QUICKSTART, *args, *TINY_OPTS], dict(
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    )
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials_and_failed_trials_retry(
+    detectron2_datasets, tmp_path
+):
+    """Every trial raises once after iteration 6 (test-only FAIL_ONCE_ENV) and is retried from its iteration-4
+    checkpoint (max_failures 1). The driver is killed (SIGKILL, with its local Ray) during the second trial's
+    retry; --resume then finishes that trial from its checkpoint and leaves the finished first one alone."""
+    sweep_file = tmp_path / "resumable.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "max_failures": 1, "max_concurrent_trials": 1, "resources": {"cpus_per_trial": 1},
+        "space": {"SOLVER.BASE_LR": {"grid": [1.0e-4, 2.0e-4]}},
+    }))  # fmt: skip
+    storage = tmp_path / "sweeps"
+    experiment = storage / "resumable"
+    env = {**os.environ, "DETECTRON2_DATASETS": detectron2_datasets, ray_tune.FAIL_ONCE_ENV: "6"}
+    args = ["--sweep", str(sweep_file), "--storage", str(storage)]
+
+    command, options = _tune_net(args, env, start_new_session=True)
+    driver = subprocess.Popen(command, **options)
+    try:
+        # Kill once the second trial's retry has begun from its checkpoint: by then Ray's experiment state,
+        # saved right after each reported checkpoint, knows that checkpoint.
+        deadline = time.monotonic() + 400
+        while len(_starts_of(experiment, "trial_*_00001")) < 2:
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the second trial never restarted"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        driver.wait()
+    first, second = sorted(experiment.glob("trial_*"))
+    assert not (experiment / "trials.json").exists()  # the sweep did not get to its end
+    assert training_starts(first / "output") == [0, 4]  # failed once after 6, retried from the checkpoint at 4
+
+    command, options = _tune_net([*args, "--resume"], env, timeout=400)
+    resumed = subprocess.run(command, **options)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    with open(experiment / "trials.json") as f:
+        rows = {row["trial"]: row for row in json.load(f)}
+    assert {name: (row["status"], row["iterations"]) for name, row in rows.items()} == {
+        first.name: ("finished", 8),
+        second.name: ("finished", 8),
+    }
+    assert training_starts(first / "output") == [0, 4]  # not trained again
+    starts = training_starts(second / "output")
+    assert starts[:2] == [0, 4] and starts[2:] == [4]  # resumed from its checkpoint, not from scratch
+    assert (second / "output" / ray_tune.FAIL_ONCE_MARKER).exists()
+    assert (experiment / "best_config.yaml").exists()

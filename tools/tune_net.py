@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Hyperparameter sweeps with Ray Tune: every trial trains cityseg_d2's detectron2 Trainer.
+
+The sweep file (configs/sweeps/*.yaml) holds the search space over config keys, the metric, the scheduler
+(ASHA), the search algorithm (random/grid or Optuna TPE), the trial budget and per-trial resources; trailing
+KEY VALUE pairs override the base config, as with train_net.py. Results go to STORAGE/NAME (default
+output/sweeps/<sweep file name>): one folder per trial (its detectron2 OUTPUT_DIR is trial_*/output),
+trials.csv / trials.json (best first) and best_config.yaml, which train_net.py takes as it is.
+
+On this machine (Ray starts here; one GPU per trial if there are GPUs, else the trials run on the CPU):
+
+  python tools/tune_net.py --config-file configs/seed/mask_rcnn_R_101_FPN_seed10.yaml \\
+      --sweep configs/sweeps/seed_space.yaml
+  python tools/tune_net.py --config-file configs/seed/mask_rcnn_R_101_FPN_seed10.yaml \\
+      --sweep configs/sweeps/seed_space.yaml --resume      # continue it after an interruption
+
+On a Ray cluster: start the head, then every GPU worker (from the repository root, with the same venv and
+data paths), and point --storage at a directory all nodes share (NFS):
+
+  ray start --head --port=6379                        # on the head node
+  ray start --address=HEAD_IP:6379                    # on each worker node
+  python tools/tune_net.py --address auto --storage /shared/sweeps \\
+      --config-file configs/mask_rcnn_R_50_FPN_coco.yaml --sweep configs/sweeps/rich_space.yaml
+"""
+import argparse
+import logging
+
+import ray
+
+from cityseg_d2.data import register_from_config
+from cityseg_d2.engine.cli import run_cli
+from cityseg_d2.engine.setup import ConfigError, check_config, load_config
+from cityseg_d2.integrations import ray_tune
+
+logger = logging.getLogger("cityseg_d2.tune_net")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="", metavar="FILE", help="base detectron2 config")
+    parser.add_argument("--sweep", default="", metavar="FILE", help="sweep file, e.g. configs/sweeps/seed_space.yaml")
+    parser.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
+    parser.add_argument("--num-samples", type=int, default=None, help="trials to sample (default: the sweep file's)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None, help="0..1 (default: 1 if there are GPUs, else 0)")
+    parser.add_argument("--cpus-per-trial", type=float, default=None, help="default: the sweep's, else 1 + NUM_WORKERS")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
+    parser.add_argument("--name", default="", help="experiment name (default: the sweep's name or file name)")
+    parser.add_argument("--storage", default="output/sweeps", help="where experiments go (shared by all nodes)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the base config")
+    return parser
+
+
+def prepare(args):
+    """Everything checkable before Ray starts: base config, sweep file, search space and metric."""
+    if args.resume:
+        if not (args.name or args.sweep):
+            raise ConfigError("--resume needs --name or --sweep to find the experiment")
+        name = args.name or ray_tune.load_sweep(args.sweep).name
+        experiment_dir = ray_tune.experiment_path(args.storage, name)
+        sweep, cfg = ray_tune.load_saved_sweep(experiment_dir)
+        logger.info("resuming %s with the sweep and base config saved there", experiment_dir)
+        return sweep, cfg
+    if not args.sweep:
+        raise ConfigError("no sweep file given: pass --sweep, e.g. configs/sweeps/seed_space.yaml")
+    cfg = load_config(args.config_file, args.opts)
+    sweep = ray_tune.load_sweep(args.sweep)
+    if args.name:
+        sweep.name = args.name
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise ConfigError(f"--num-samples {args.num_samples}: must be >= 1")
+        sweep.num_samples = args.num_samples
+    ray_tune.validate_sweep(sweep, cfg)
+    register_from_config(cfg)
+    check_config(cfg)
+    ray_tune.check_new_experiment(args.storage, sweep.name)
+    return sweep, cfg
+
+
+def main(args):
+    sweep, cfg = prepare(args)
+    experiment_dir = ray_tune.experiment_path(args.storage, sweep.name)
+    ray_tune.connect_ray(args.address)
+    if args.resume:
+        results = ray_tune.resume_sweep(experiment_dir)
+    else:
+        sweep = ray_tune.resolve_resources(sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial)
+        results = ray_tune.start_sweep(sweep, cfg, args.storage)
+    rows = ray_tune.trial_rows(results, sweep, cfg)
+    ray_tune.write_summary(rows, experiment_dir)
+    print(f"\nSweep {sweep.name}: {len(rows)} trials, best first ({sweep.metric}, {sweep.mode}):")
+    print(ray_tune.format_table(rows))
+    best_config = ray_tune.write_best_config(rows, sweep, cfg, experiment_dir)
+    print(f"\nTable: {experiment_dir}/trials.csv, trials.json\nBest config: {best_config}")
+    print(f"Train it: python tools/train_net.py --config-file {best_config}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_cli(main, build_parser().parse_args())
