@@ -112,7 +112,7 @@ def test_trials_report_losses_and_the_fast_evaluators_results_at_each_evaluation
     _, _, results, _, _, _ = swept
     for result in results:
         history = result.metrics_dataframe
-        assert list(history["iteration"])[:2] == [4, 8][: len(history)]
+        assert list(history["iteration"]) in ([4], [4, 8])  # detectron2 iterations at each evaluation
         assert {"total_loss", "loss_mask", "segm/AP", "segm/AP50", "segm/seed_AP50"} <= set(history.columns)
         assert sorted(os.listdir(result.checkpoint.path)) == ["last_checkpoint", "tune_checkpoint.pth", "tune_metrics.json"]
 

@@ -43,7 +43,9 @@ def build_parser():
     parser.add_argument("--num-samples", type=int, default=None, help="trials to sample (default: the sweep file's)")
     parser.add_argument("--gpus-per-trial", type=float, default=None, help="0..1 (default: 1 if there are GPUs, else 0)")
     parser.add_argument("--cpus-per-trial", type=float, default=None, help="default: the sweep's, else 1 + NUM_WORKERS")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep STORAGE/NAME")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the sweep STORAGE/NAME with the sweep and config it started with"
+    )
     parser.add_argument("--name", default="", help="experiment name (default: the sweep's name or file name)")
     parser.add_argument("--storage", default="output/sweeps", help="where experiments go (shared by all nodes)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the base config")

@@ -57,9 +57,10 @@ CHECKPOINT_METRICS = "tune_metrics.json"
 # after iteration N (a marker file in its OUTPUT_DIR makes it once), to test retries from checkpoints.
 FAIL_ONCE_ENV = "CITYSEG_TUNE_TEST_FAIL_AT_ITER"
 FAIL_ONCE_MARKER = "injected_failure"
-# Set in a trial's process when train_trial has returned or raised (see _WaitForTrialEnd); how many seconds a
-# stopped trial gets to unwind before its actor exits.
-_trial_ended = threading.Event()
+# Clear in a trial's process while train_trial runs (see _WaitForTrialEnd); how many seconds a stopped trial
+# gets to unwind before its actor exits.
+_no_trial_running = threading.Event()
+_no_trial_running.set()
 STOP_GRACE_S = 120
 # Trials run in the driver's working directory (local) or where `ray start` ran (cluster), as train_net
 # would, so relative paths in configs (datasets, weights) mean the same thing.
@@ -401,7 +402,8 @@ class TuneReportHook(HookBase):
     def _report(self, iteration):
         metrics = {k: float(v) for k, (v, _) in self.trainer.storage.latest_with_smoothing_hint(20).items()}
         metrics["iteration"] = iteration
-        with tempfile.TemporaryDirectory(prefix="tune_checkpoint_") as folder:
+        # Staged next to OUTPUT_DIR (on the storage Tune copies it to, rather than a small /tmp).
+        with tempfile.TemporaryDirectory(prefix="tune_checkpoint_", dir=self.trainer.cfg.OUTPUT_DIR) as folder:
             # The trainer's own checkpointables (model, optimizer, scheduler, iteration) in a fresh folder.
             checkpointer = DetectionCheckpointer(self.trainer.model, folder, **self.trainer.checkpointer.checkpointables)
             checkpointer.save(TUNE_CHECKPOINT)
@@ -448,14 +450,14 @@ def _setup_trial_logging(cfg, args):
 
 def train_trial(config, base_config, sweep, experiment_dir):
     """Ray Tune trainable: train one trial's config with our Trainer, resuming from Tune's checkpoint if any."""
-    _trial_ended.clear()
+    _no_trial_running.clear()
     try:
         _train_trial(config, base_config, sweep, experiment_dir)
     finally:
         # The trial's process ends with the trial, and Ray ends W&B's service with it before Python's exit
         # handlers would shut it down: do that now (a no-op when the trial logged nothing to W&B).
         wandb.teardown()
-        _trial_ended.set()
+        _no_trial_running.set()
 
 
 def _train_trial(config, base_config, sweep, experiment_dir):
@@ -536,7 +538,7 @@ class _WaitForTrialEnd:
 
     def cleanup(self):
         super().cleanup()
-        _trial_ended.wait(timeout=STOP_GRACE_S)
+        _no_trial_running.wait(timeout=STOP_GRACE_S)
 
 
 def _trainable(sweep, base_config, experiment_dir):
