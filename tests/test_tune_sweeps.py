@@ -134,11 +134,12 @@ def test_metric_must_be_one_the_trials_report(metric, mode, opts, ok):
 def test_asha_needs_periodic_evaluation_and_a_grace_period_below_max_t():
     asha = {"type": "asha", "grace_period": 500, "reduction_factor": 3}
     s = sweep({"SOLVER.BASE_LR": {"loguniform": [1e-4, 1e-2]}}, scheduler=asha)
-    ray_tune.validate_sweep(s, load_config(QUICKSTART))
+    budget = ["SOLVER.MAX_ITER", "1500", "TEST.EVAL_PERIOD", "500"]
+    ray_tune.validate_sweep(s, load_config(QUICKSTART, budget))
     with pytest.raises(ConfigError, match="TEST.EVAL_PERIOD > 0"):
-        ray_tune.validate_sweep(s, load_config(QUICKSTART, ["TEST.EVAL_PERIOD", "0"]))
+        ray_tune.validate_sweep(s, load_config(QUICKSTART, budget + ["TEST.EVAL_PERIOD", "0"]))
     with pytest.raises(ConfigError, match="grace_period 500 must be below max_t 400"):
-        ray_tune.validate_sweep(s, load_config(QUICKSTART, ["SOLVER.MAX_ITER", "400"]))
+        ray_tune.validate_sweep(s, load_config(QUICKSTART, budget + ["SOLVER.MAX_ITER", "400"]))
 
 
 def test_saved_sweep_reads_back_the_same(tmp_path):
@@ -156,6 +157,7 @@ def test_saved_sweep_reads_back_the_same(tmp_path):
 def test_trial_config_takes_the_trials_resources(quickstart_cfg, use_gpu):
     base = quickstart_cfg.clone()
     base.SOLVER.AMP.ENABLED = True
+    base.DATALOADER.NUM_WORKERS = 4
     cfg = ray_tune.trial_config(base, ["SOLVER.BASE_LR", 0.003], "/sweeps/s/trial_1/output", cpus=2, use_gpu=use_gpu)
     assert cfg.SOLVER.BASE_LR == 0.003 and cfg.OUTPUT_DIR == "/sweeps/s/trial_1/output"
     assert cfg.MODEL.DEVICE == ("cuda" if use_gpu else "cpu") and cfg.SOLVER.AMP.ENABLED == use_gpu
@@ -165,7 +167,7 @@ def test_trial_config_takes_the_trials_resources(quickstart_cfg, use_gpu):
 @pytest.mark.parametrize(
     "cluster, cli, file, expected",
     [
-        ({"CPU": 16, "GPU": 4}, (None, None), {}, (3, 1)),  # 1 + the quickstart's 2 loader workers, a GPU each
+        ({"CPU": 16, "GPU": 4}, (None, None), {}, (3, 1)),  # 1 + DATALOADER.NUM_WORKERS 2, a GPU each
         ({"CPU": 2}, (None, None), {}, (2, 0)),  # capped at the cluster's CPUs; no GPU: the CPU
         ({"CPU": 16}, (None, None), {"cpus_per_trial": 4, "gpus_per_trial": 1}, (4, 0)),  # the file's GPU, none here
         ({"CPU": 16, "GPU": 2}, (2, 0.5), {"cpus_per_trial": 4, "gpus_per_trial": 1}, (2, 0.5)),  # CLI first
@@ -174,13 +176,14 @@ def test_trial_config_takes_the_trials_resources(quickstart_cfg, use_gpu):
         ({"CPU": 4}, (8, None), {}, "8 CPUs per trial, but the Ray cluster has 4"),
     ],
 )
-def test_trial_resources_come_from_cli_then_sweep_then_cluster(quickstart_cfg, cluster, cli, file, expected):
+def test_trial_resources_come_from_cli_then_sweep_then_cluster(cluster, cli, file, expected):
     s = sweep({"SOLVER.BASE_LR": {"loguniform": [1e-4, 1e-2]}}, resources=file)
+    cfg = load_config(QUICKSTART, ["DATALOADER.NUM_WORKERS", "2"])
     if isinstance(expected, str):
         with pytest.raises(ConfigError, match=re.escape(expected)):
-            ray_tune.resolve_resources(s, quickstart_cfg, cluster, *cli)
+            ray_tune.resolve_resources(s, cfg, cluster, *cli)
     else:
-        resolved = ray_tune.resolve_resources(s, quickstart_cfg, cluster, *cli)
+        resolved = ray_tune.resolve_resources(s, cfg, cluster, *cli)
         assert (resolved.cpus_per_trial, resolved.gpus_per_trial) == expected
 
 
@@ -207,10 +210,11 @@ def _result(tmp_path, name, rows, error=None):
 def test_summary_ranks_by_best_report_and_best_config_holds_the_winner(tmp_path, quickstart_cfg):
     s = sweep({"SOLVER.BASE_LR": {"grid": [0.01, 0.02, 0.04]}}, metric="segm/AP")
     max_iter = quickstart_cfg.SOLVER.MAX_ITER
+    half = max_iter // 2
     results = [
-        _result(tmp_path, "trial_a", [{"iteration": 500, "segm/AP": 3.0}, {"iteration": max_iter, "segm/AP": 5.0}]),
-        _result(tmp_path, "trial_b", [{"iteration": 500, "segm/AP": 7.0}, {"iteration": max_iter, "segm/AP": 6.0}]),
-        _result(tmp_path, "trial_c", [{"iteration": 500, "segm/AP": 1.0}]),
+        _result(tmp_path, "trial_a", [{"iteration": half, "segm/AP": 3.0}, {"iteration": max_iter, "segm/AP": 5.0}]),
+        _result(tmp_path, "trial_b", [{"iteration": half, "segm/AP": 7.0}, {"iteration": max_iter, "segm/AP": 6.0}]),
+        _result(tmp_path, "trial_c", [{"iteration": half, "segm/AP": 1.0}]),
     ]
     for result, lr in zip(results, [0.01, 0.02, 0.04]):
         (tmp_path / result.path).mkdir()
