@@ -259,3 +259,16 @@ def test_connecting_to_an_address_where_no_head_listens_fails_before_ray_init():
     with pytest.raises(ConfigError, match="no Ray head answers there"):
         ray_tune.connect_ray("127.0.0.1:1")
     assert not ray.is_initialized()
+
+
+def test_optuna_tpe_samples_the_rich_space_including_list_values(quickstart_cfg):
+    s = ray_tune.load_sweep("configs/sweeps/rich_space.yaml")
+    searcher = ray_tune.build_search_algorithm(s)
+    assert searcher.set_search_properties(s.metric, s.mode, s.param_space())
+    for trial in range(3):
+        overrides = s.overrides(searcher.suggest(f"trial_{trial}"))
+        sampled = dict(zip(overrides[0::2], overrides[1::2]))
+        assert sampled["MODEL.ANCHOR_GENERATOR.SIZES"] in s.space["MODEL.ANCHOR_GENERATOR.SIZES"].values
+        assert 1e-3 <= sampled["SOLVER.BASE_LR"] <= 4e-2
+        cfg = ray_tune.trial_config(quickstart_cfg, overrides, "/tmp/x", cpus=1, use_gpu=False)
+        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(sampled["INPUT.MIN_SIZE_TRAIN"])

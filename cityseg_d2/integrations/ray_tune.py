@@ -503,7 +503,7 @@ def experiment_path(storage, name):
     return os.path.join(os.path.abspath(storage), name)
 
 
-def _scheduler(sweep, cfg):
+def build_scheduler(sweep, cfg):
     if sweep.scheduler.get("type") != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -518,7 +518,7 @@ def _scheduler(sweep, cfg):
     )
 
 
-def _search_algorithm(sweep):
+def build_search_algorithm(sweep):
     seed = sweep.search.get("seed")
     if sweep.search.get("type") == "optuna":
         from ray.tune.search import ConcurrencyLimiter
@@ -569,8 +569,8 @@ def start_sweep(sweep, cfg, storage):
         tune_config=tune.TuneConfig(
             metric=sweep.metric,
             mode=sweep.mode,
-            scheduler=_scheduler(sweep, cfg),
-            search_alg=_search_algorithm(sweep),
+            scheduler=build_scheduler(sweep, cfg),
+            search_alg=build_search_algorithm(sweep),
             num_samples=sweep.num_samples,
             trial_name_creator=trial_dirname,
             trial_dirname_creator=trial_dirname,
