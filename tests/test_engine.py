@@ -189,3 +189,13 @@ def test_quickstart_model_learns_and_eval_only_reproduces_its_numbers(datasets_e
     reproduced = copypaste_results(again.stdout + again.stderr)
     for key in ("AP", "AP50", "seed_AP50"):
         assert reproduced[key] == pytest.approx(trained[f"segm/{key}"], abs=1e-4), key
+
+
+def test_diverging_training_stops_with_a_clear_message(datasets_env, tmp_path):
+    proc = run_tool(
+        "train_net.py", "--config-file", QUICKSTART, *TINY, "SOLVER.BASE_LR", "1e8", "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.MAX_ITER", "10", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", tmp_path, env=datasets_env, check=False,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged at iteration ") and "Lower SOLVER.BASE_LR" in last, last
