@@ -11,3 +11,15 @@ from .register import (
 )
 
 register_builtin_datasets()
+
+__all__ = [
+    "CLASS_SETS",
+    "CityscapesDataError",
+    "default_cityscapes_root",
+    "default_synthetic_root",
+    "gt_instance_ids_path",
+    "load_cityscapes_instances",
+    "register_builtin_datasets",
+    "register_cityscapes_instances",
+    "register_from_config",
+]
