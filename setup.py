@@ -26,6 +26,7 @@ setup(
         "optuna>=3.0",
         "matplotlib",
         "tqdm",
+        "tabulate",
         "PyYAML",
         # Resolves overlapping Cityscapes polygons into visible parts (and detectron2's loader, our benchmark's reference).
         "shapely",

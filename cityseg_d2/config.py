@@ -16,7 +16,7 @@ def _add_dataset_keys(cfg):
     # cityseg_d2.data.register_from_config(cfg), so a YAML can train on a subset without code.
     c = cfg.DATASETS.CITYSCAPES = CN()
     c.ROOT = ""  # "" = $CITYSCAPES_DATASET, else $DETECTRON2_DATASETS/cityscapes, else ./datasets/cityscapes
-    c.CLASS_SET = "cityscapes8"  # "cityscapes8" (officially evaluated) or "seed10" (+ caravan, trailer)
+    c.CLASS_SET = "cityscapes8"  # "cityscapes8" (officially evaluated) or "cityscapes10" (+ caravan, trailer)
     c.MASK_SOURCE = "polygons"  # "polygons" (gtFine_polygons.json) or "instance_ids" (instanceIds.png, exact)
     c.CITIES = []  # [] = all cities
     c.CACHE = True  # parsed dicts cached on disk, keyed by the files and the options

@@ -13,7 +13,7 @@ from cityseg_d2.data.analysis import class_table, registered_dataset_stats, writ
 
 
 def test_stats_count_what_the_instance_images_hold(register_synthetic):
-    name = register_synthetic("cs_test_stats", "train", class_set="seed10", mask_source="instance_ids")
+    name = register_synthetic("cs_test_stats", "train", class_set="cityscapes10", mask_source="instance_ids")
     stats = registered_dataset_stats(name)
     meta = MetadataCatalog.get(name)
     areas = {}

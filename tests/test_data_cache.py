@@ -65,7 +65,7 @@ def test_touching_an_image_or_removing_one_rebuilds(root, parses):
 
 def test_options_and_package_version_are_part_of_the_key(root, parses, monkeypatch):
     load_cityscapes_instances(root, "val")
-    load_cityscapes_instances(root, "val", class_set="seed10")
+    load_cityscapes_instances(root, "val", class_set="cityscapes10")
     load_cityscapes_instances(root, "val", mask_source="instance_ids")
     load_cityscapes_instances(root, "val", max_images=2)
     assert parses == [4, 4, 4, 2]

@@ -23,11 +23,11 @@ from cityseg_d2.data import (
     register_cityscapes_instances,
     register_from_config,
 )
-from cityseg_d2.data.cityscapes import find_images, parse_images
+from cityseg_d2.data.cityscapes import list_split_files, parse_images
 from cityseg_d2.data.classes import resolve_label
 from cityseg_d2.data.synthetic import make_synthetic_cityscapes
 
-SEED10 = ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "caravan", "trailer"]
+CITYSCAPES10 = ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle", "caravan", "trailer"]
 
 
 def _mask(segmentation, height, width):
@@ -45,10 +45,9 @@ def test_builtin_datasets_are_registered_with_their_metadata():
         for name in [f"cityscapes_instance_{split}", f"cityscapes_synthetic_instance_{split}"]:
             assert name in DatasetCatalog.list()
             meta = MetadataCatalog.get(name)
-            assert meta.thing_classes == SEED10[:8]
+            assert meta.thing_classes == CITYSCAPES10[:8]
             assert meta.thing_label_ids == [24, 25, 26, 27, 28, 31, 32, 33]
             assert meta.thing_colors[2] == name2label["car"].color
-            assert meta.evaluator_type == "cityscapes_instance"
             assert meta.image_dir.endswith(f"leftImg8bit/{split}") and meta.gt_dir.endswith(f"gtFine/{split}")
 
 
@@ -74,7 +73,7 @@ def test_registration_is_lazy_and_a_missing_root_names_layout_and_variables(tmp_
 
 
 def test_dicts_have_detectron2_fields_and_the_mapper_accepts_them(register_synthetic):
-    name = register_synthetic("cs_test_fields", "train", class_set="seed10")
+    name = register_synthetic("cs_test_fields", "train", class_set="cityscapes10")
     dicts = DatasetCatalog.get(name)
     assert [d["image_id"] for d in dicts] == sorted(d["image_id"] for d in dicts)
     assert dicts[0]["image_id"] == "aachen_000000_000019"
@@ -95,7 +94,7 @@ def test_dicts_have_detectron2_fields_and_the_mapper_accepts_them(register_synth
 
 @pytest.mark.parametrize("mask_source", ["polygons", "instance_ids"])
 def test_instance_counts_per_class_equal_those_in_instance_ids_png(register_synthetic, mask_source):
-    name = register_synthetic(f"cs_test_counts_{mask_source}", "train", class_set="seed10", mask_source=mask_source)
+    name = register_synthetic(f"cs_test_counts_{mask_source}", "train", class_set="cityscapes10", mask_source=mask_source)
     label_ids = MetadataCatalog.get(name).thing_label_ids
     total = 0
     for d in DatasetCatalog.get(name):
@@ -111,7 +110,7 @@ def test_instance_counts_per_class_equal_those_in_instance_ids_png(register_synt
 
 
 def test_polygon_masks_agree_with_instance_ids_for_every_unoccluded_instance(register_synthetic):
-    name = register_synthetic("cs_test_iou", "train", class_set="seed10")
+    name = register_synthetic("cs_test_iou", "train", class_set="cityscapes10")
     label_ids = MetadataCatalog.get(name).thing_label_ids
     checked = 0
     for d in DatasetCatalog.get(name):
@@ -183,7 +182,7 @@ def test_register_from_config_applies_the_subset_options(register_synthetic, syn
     cfg = get_cityseg_cfg()
     cfg.DATASETS.TRAIN = ("cs_test_cfg_train", "cityscapes_instance_train")
     cfg.DATASETS.TEST = ("cs_test_cfg_val", "coco_2017_val")
-    cfg.DATASETS.CITYSCAPES.CLASS_SET = "seed10"
+    cfg.DATASETS.CITYSCAPES.CLASS_SET = "cityscapes10"
     cfg.DATASETS.CITYSCAPES.TRAIN_MAX_IMAGES = 2
     cfg.DATASETS.CITYSCAPES.TEST_MAX_IMAGES = 3
     cfg.DATASETS.CITYSCAPES.ROOT = "/data/cityscapes"
@@ -191,7 +190,7 @@ def test_register_from_config_applies_the_subset_options(register_synthetic, syn
         register_from_config(cfg)
         assert len(DatasetCatalog.get("cs_test_cfg_train")) == 2
         assert len(DatasetCatalog.get("cs_test_cfg_val")) == 3
-        assert MetadataCatalog.get("cs_test_cfg_val").thing_classes == SEED10
+        assert MetadataCatalog.get("cs_test_cfg_val").thing_classes == CITYSCAPES10
         # ROOT moves the real Cityscapes names only; other names keep their root.
         assert MetadataCatalog.get("cityscapes_instance_train").root == "/data/cityscapes"
         assert MetadataCatalog.get("cs_test_cfg_train").root == synthetic_root
@@ -213,5 +212,5 @@ def test_register_from_config_refuses_one_name_with_two_subsets(register_synthet
 
 def test_parallel_parse_equals_serial_parse(tmp_path):
     root = make_synthetic_cityscapes(tmp_path, {"val": 64}, width=128, height=64, seed=2)
-    images = find_images(root, "val")
+    images = list_split_files(root, "val")
     assert parse_images(images, workers=2) == parse_images(images, workers=1)

@@ -51,7 +51,7 @@ def test_every_config_loads_and_builds_its_model_on_cpu(config_file):
     cfg = load_config(str(REPO / config_file), ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)  # builds only: weights are loaded by the checkpointer, not here
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
-    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == {"cityscapes8": 8, "seed10": 10}[cfg.DATASETS.CITYSCAPES.CLASS_SET]
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == {"cityscapes8": 8, "cityscapes10": 10}[cfg.DATASETS.CITYSCAPES.CLASS_SET]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_train_net_writes_checkpoints_metrics_and_evaluation(short_run):
     metrics = read_metrics(output_dir)
     evaluations = [m for m in metrics if "segm/AP" in m]
     assert [m["iteration"] for m in evaluations] == [1, 4]  # after iteration 2 (EVAL_PERIOD) and after the last
-    assert all("segm/seed_AP50" in m and "segm/AP50-car" in m for m in evaluations)
+    assert all("segm/matterport_AP50" in m and "segm/AP50-car" in m for m in evaluations)
     assert any("total_loss" in m for m in metrics)
     # The Trainer's W&B wiring (what the run holds is tested in test_wandb.py).
     assert glob.glob(os.path.join(output_dir, "wandb", "offline-run-*", "run-*.wandb"))
@@ -187,7 +187,7 @@ def test_quickstart_model_learns_and_eval_only_reproduces_its_numbers(datasets_e
         "MODEL.WEIGHTS", output_dir / "model_final.pth", "OUTPUT_DIR", output_dir / "eval", env=datasets_env,
     )
     reproduced = copypaste_results(again.stdout + again.stderr)
-    for key in ("AP", "AP50", "seed_AP50"):
+    for key in ("AP", "AP50", "matterport_AP50"):
         assert reproduced[key] == pytest.approx(trained[f"segm/{key}"], abs=1e-4), key
 
 

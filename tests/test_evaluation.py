@@ -1,5 +1,5 @@
 """The evaluators against the real cityscapesscripts, pycocotools and detectron2: the fast evaluator gives the
-official script's numbers on many kinds of predictions, the seed metric its hand-computed values, bad input a
+official script's numbers on many kinds of predictions, the Matterport metric its hand-computed values, bad input a
 clear error."""
 
 import json
@@ -14,6 +14,7 @@ from cityscapesscripts.evaluation import evalInstanceLevelSemanticLabeling as sc
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluators
+from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.structures import Instances
 
 from cityseg_d2.config import get_cityseg_cfg
@@ -24,16 +25,16 @@ from cityseg_d2.evaluation import (
     FastCityscapesInstanceEvaluator,
     build_evaluator,
 )
-from cityseg_d2.evaluation.build import EVALUATORS
-from cityseg_d2.evaluation.cityscapes_common import (
+from cityseg_d2.evaluation.build import EVALUATORS, reported_metrics
+from cityseg_d2.evaluation.protocol import (
     IOU_THRESHOLDS,
     MIN_REGION_SIZE,
     EvaluatedClasses,
     read_gt_instance_ids,
 )
 from cityseg_d2.evaluation.official_cityscapes import RESULTS_FILE
-from cityseg_d2.evaluation.seed_metric import matterport_ap50
-from cityseg_d2.evaluation.testing import PERTURBATIONS, ground_truth_predictions, perturbed_predictions
+from cityseg_d2.evaluation.matterport_metric import matterport_ap50
+from cityseg_d2.evaluation.perturbations import PERTURBATIONS, ground_truth_predictions, perturbed_predictions
 
 CITYSCAPES_EVALUATORS = {"cityscapes": CityscapesInstanceEvaluator, "cityscapes_fast": FastCityscapesInstanceEvaluator}
 
@@ -117,7 +118,7 @@ def test_protocol_constants_and_class_set_are_the_scripts():
     assert list(classes.names) == official_args.instLabels
     official_void = [label.id for label in cityscapes_labels if label.ignoreInEval and label.id >= 0]
     assert classes.void_label_ids == tuple(official_void)
-    register_cityscapes_instances("eval_classes10", "unused_root", "val", class_set="seed10")
+    register_cityscapes_instances("eval_classes10", "unused_root", "val", class_set="cityscapes10")
     assert 29 not in EvaluatedClasses.of_dataset("eval_classes10").void_label_ids
 
 
@@ -136,7 +137,7 @@ def test_ground_truth_as_predictions_scores_100(evaluator_name, register_synthet
             assert results[task]["AP"] == results[task]["AP50"] == results[task]["AP75"] == pytest.approx(100)
         return
     segm = results["segm"]
-    assert segm["AP"] == segm["AP50"] == segm["seed_AP50"] == pytest.approx(100)
+    assert segm["AP"] == segm["AP50"] == segm["matterport_AP50"] == pytest.approx(100)
     present = set()
     for gt in ground_truths:
         ids, counts = np.unique(gt, return_counts=True)
@@ -162,7 +163,7 @@ def test_fast_equals_official(perturbation, seed, sweep_dataset):
 
 @pytest.mark.parametrize("perturbation", ["swap_classes", "absent_classes", "group_void", "mixed"])
 def test_fast_equals_official_with_caravan_and_trailer(perturbation, sweep_dataset):
-    name = sweep_dataset("seed10")
+    name = sweep_dataset("cityscapes10")
     official, fast = _both(name, _outputs(name, perturbation, seed=5))
     _assert_same(official, fast)
     assert not math.isnan(official["AP-caravan"]) and not math.isnan(official["AP-trailer"])
@@ -220,26 +221,26 @@ def test_every_prediction_ignored_scores_0_where_the_script_would_crash(tmp_path
         ([0, 1], [], [], np.zeros((0, 2)), 0.0),
     ],
 )
-def test_seed_metric_on_hand_computed_cases(gt_classes, pred_classes, scores, ious, expected):
+def test_matterport_metric_on_hand_computed_cases(gt_classes, pred_classes, scores, ious, expected):
     value = matterport_ap50(np.array(gt_classes), np.array(pred_classes), np.array(scores), np.array(ious))
     assert value == pytest.approx(expected)
 
 
-def test_seed_metric_skips_images_without_instances_and_ignores_crowds(tmp_path):
+def test_matterport_metric_skips_images_without_instances_and_ignores_crowds(tmp_path):
     with_car, without_instances = _hand_ground_truth(), np.full((60, 80), 7, np.uint16)
     with_car[with_car == 26002] = 7  # one instance: the car
     name = "eval_hand_seed"
     root = _write_dataset(tmp_path, [with_car, without_instances])
     register_cityscapes_instances(name, root, "val", mask_source="instance_ids")
     outputs = [
-        # The group-region mask ranks first and is a false positive for the seed metric (Matterport has no
+        # The group-region mask ranks first and is a false positive for the Matterport metric (Matterport has no
         # crowds): precision 0 then 1/2 at recall 0 then 1 -> AP 0.5. The official AP ignores it.
         {"instances": _instances(with_car.shape, [with_car == 26, with_car == 26001], [2, 2], [0.9, 0.8])},
         {"instances": _instances(with_car.shape, [without_instances == 7], [0], [0.9])},
     ]
     official, fast = _both(name, outputs)
     _assert_same(official, fast)
-    assert official["seed_AP50"] == pytest.approx(50)
+    assert official["matterport_AP50"] == pytest.approx(50)
     assert official["AP-car"] == pytest.approx(100)
 
 
@@ -248,7 +249,7 @@ def test_no_predictions_scores_0(sweep_dataset, caplog):
     empty = [{"instances": _instances(gt.shape, [], [], [])} for gt in _ground_truths(name)]
     official, fast = _both(name, empty)
     _assert_same(official, fast)
-    assert official["AP"] == official["AP50"] == official["seed_AP50"] == 0
+    assert official["AP"] == official["AP50"] == official["matterport_AP50"] == 0
     assert "no predicted instances" in caplog.text
 
 
@@ -318,6 +319,9 @@ def test_build_evaluator_chooses_from_the_config(sweep_dataset, tmp_path):
     results = _evaluate(combined, DatasetCatalog.get(name), _outputs(name, "erode", 0))
     assert list(results) == ["segm", "cityscapes/segm", "coco/bbox", "coco/segm"]
     _assert_same(results["cityscapes/segm"], results["segm"])
+    # What the registry declares is exactly what the evaluators report (the keys a metric name is checked against).
+    cfg.DATASETS.TEST = (name,)
+    assert set(flatten_results_dict(results)) == set(reported_metrics(cfg))
     cfg.TEST.EVALUATORS = ["cityscapes_fast", "official"]
     with pytest.raises(ValueError) as error:
         build_evaluator(cfg, name, str(tmp_path))

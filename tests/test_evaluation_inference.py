@@ -17,8 +17,8 @@ from detectron2.utils import comm
 from cityseg_d2.config import get_cityseg_cfg
 from cityseg_d2.data import gt_instance_ids_path, register_cityscapes_instances
 from cityseg_d2.evaluation import build_evaluator
-from cityseg_d2.evaluation.cityscapes_common import EvaluatedClasses, read_gt_instance_ids
-from cityseg_d2.evaluation.testing import perturbed_predictions
+from cityseg_d2.evaluation.protocol import EvaluatedClasses, read_gt_instance_ids
+from cityseg_d2.evaluation.perturbations import perturbed_predictions
 
 QUICKSTART_CONFIG = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
 
@@ -45,11 +45,11 @@ def test_evaluators_run_under_inference_on_dataset_on_a_mask_rcnn(register_synth
     results = inference_on_dataset(model, build_detection_test_loader(cfg, name), evaluator)
     assert list(results) == ["segm", "cityscapes/segm", "coco/bbox", "coco/segm"]
     classes = MetadataCatalog.get(name).thing_classes
-    expected = ["AP", "AP50"] + [f"AP{t}-{c}" for c in classes for t in ("", "50")] + ["seed_AP50"]
+    expected = ["AP", "AP50"] + [f"AP{t}-{c}" for c in classes for t in ("", "50")] + ["matterport_AP50"]
     assert list(results["segm"]) == expected
     _assert_same(results["cityscapes/segm"], results["segm"])
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(results["coco/segm"])
-    assert 0 <= results["segm"]["AP"] < 100 and 0 <= results["segm"]["seed_AP50"] < 100
+    assert 0 <= results["segm"]["AP"] < 100 and 0 <= results["segm"]["matterport_AP50"] < 100
 
 
 class _PerturbedGroundTruthModel:

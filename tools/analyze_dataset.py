@@ -20,7 +20,7 @@ def main(argv=None):
     source.add_argument("--dataset", help="a registered dataset name, e.g. cityscapes_instance_val")
     source.add_argument("--root", help="a Cityscapes root folder (leftImg8bit/ and gtFine/)")
     parser.add_argument("--split", default="train", help="split of --root (default: %(default)s)")
-    parser.add_argument("--class-set", default="cityscapes8", choices=["cityscapes8", "seed10"], help="for --root")
+    parser.add_argument("--class-set", default="cityscapes8", choices=["cityscapes8", "cityscapes10"], help="for --root")
     parser.add_argument("--mask-source", default="polygons", choices=["polygons", "instance_ids"], help="for --root")
     parser.add_argument("--out", required=True, help="folder for stats.json, tables.txt and the plots")
     args = parser.parse_args(argv)

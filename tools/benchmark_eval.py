@@ -2,7 +2,7 @@
 """Time the official Cityscapes evaluator (cityscapesscripts, through files) against the fast in-memory one on the
 same predictions, and check that they agree.
 
-The predictions are a synthetic val split's ground truth with errors (cityseg_d2.evaluation.testing), made
+The predictions are a synthetic val split's ground truth with errors (cityseg_d2.evaluation.perturbations), made
 image by image from a seed, so both evaluators see the same ones and the whole set never sits in memory; only
 the evaluators' process() and evaluate() are timed. Prints both times and, last, the speed ratio and the
 largest absolute difference over all reported APs.
@@ -22,8 +22,8 @@ from detectron2.utils.logger import setup_logger
 from cityseg_d2.data import gt_instance_ids_path, register_cityscapes_instances
 from cityseg_d2.data.synthetic import make_synthetic_cityscapes
 from cityseg_d2.evaluation import CityscapesInstanceEvaluator, FastCityscapesInstanceEvaluator
-from cityseg_d2.evaluation.cityscapes_common import EvaluatedClasses, read_gt_instance_ids
-from cityseg_d2.evaluation.testing import PERTURBATIONS, perturbed_predictions
+from cityseg_d2.evaluation.protocol import EvaluatedClasses, read_gt_instance_ids
+from cityseg_d2.evaluation.perturbations import PERTURBATIONS, perturbed_predictions
 
 DATASET = "cityseg_benchmark_eval_val"
 
@@ -42,7 +42,7 @@ def parse_args():
         help="pad each image's predictions with low-scoring false positives up to this many, as Mask R-CNN's "
         "output usually is (TEST.DETECTIONS_PER_IMAGE); 0 = the perturbed ground truth only",
     )
-    parser.add_argument("--class-set", default="cityscapes8", choices=["cityscapes8", "seed10"])
+    parser.add_argument("--class-set", default="cityscapes8", choices=["cityscapes8", "cityscapes10"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", help="where to write the synthetic data set (default: a temporary folder)")
     parser.add_argument("--workers", type=int, default=2, help="processes that write the data set")

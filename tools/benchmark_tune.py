@@ -13,9 +13,8 @@ import time
 
 import ray
 
-from cityseg_d2.data import register_from_config
-from cityseg_d2.engine.cli import run_cli
-from cityseg_d2.engine.setup import check_config, load_config
+from cityseg_d2.engine import prepare_config
+from cityseg_d2.errors import run_cli
 from cityseg_d2.integrations import ray_tune
 
 QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
@@ -75,7 +74,7 @@ def run(args, sweep, cfg):
 
 def main(args):
     opts = ["SOLVER.MAX_ITER", str(args.max_iter), "TEST.EVAL_PERIOD", str(args.eval_period), *args.opts]
-    cfg = load_config(args.config_file, opts)
+    cfg = prepare_config(args.config_file, opts)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     grid = sweep_of(args, f"grid_{stamp}", {"type": "fifo"})
     asha = sweep_of(
@@ -83,8 +82,6 @@ def main(args):
     )
     for sweep in (grid, asha):
         ray_tune.validate_sweep(sweep, cfg)
-    register_from_config(cfg)
-    check_config(cfg)
     ray_tune.connect_ray(args.address)
     figures = {"full grid": run(args, grid, cfg), "ASHA": run(args, asha, cfg)}
 

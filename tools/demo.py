@@ -4,7 +4,7 @@
 1. makes the synthetic data set (datasets/cityscapes_synthetic, or $DETECTRON2_DATASETS/...) if it is missing;
 2. trains configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml (resumes if output/demo has a checkpoint);
 3. evaluates the final model with the official Cityscapes evaluation (cityscapesscripts);
-4. writes overlays for a few val images; prints AP, AP50, seed_AP50 and where everything is.
+4. writes overlays for a few val images; prints AP, AP50, matterport_AP50 and where everything is.
 Extra arguments are KEY VALUE config overrides, e.g. `python tools/demo.py SOLVER.MAX_ITER 1000`.
 """
 import os
@@ -18,7 +18,7 @@ from detectron2.engine import default_argument_parser
 from cityseg_d2.data import default_synthetic_root
 from cityseg_d2.data.synthetic import make_synthetic_cityscapes
 from cityseg_d2.engine import Trainer, setup
-from cityseg_d2.engine.cli import run_cli
+from cityseg_d2.errors import run_cli
 from cityseg_d2.engine.predict import predict_images
 
 CONFIG = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
@@ -56,7 +56,7 @@ def main(overrides):
     trainer.train()
     print(f"[demo] trained {cfg.SOLVER.MAX_ITER} iterations and evaluated in {time.perf_counter() - start:.0f} s")
     # The EvalHook's results after the last iteration (a resumed, finished run is evaluated again).
-    segm = {key: trainer.storage.latest()[f"segm/{key}"][0] for key in ("AP", "AP50", "seed_AP50")}
+    segm = {key: trainer.storage.latest()[f"segm/{key}"][0] for key in ("AP", "AP50", "matterport_AP50")}
 
     val_name = cfg.DATASETS.TEST[0]
     images = [d["file_name"] for d in DatasetCatalog.get(val_name)[:NUM_OVERLAYS]]
@@ -67,7 +67,7 @@ def main(overrides):
     predict_images(predict_cfg, images, predictions_dir)
 
     print(f"\n[demo] official Cityscapes evaluation of {val_name} (cityscapesscripts):")
-    print(f"[demo]   AP {segm['AP']:.1f}   AP50 {segm['AP50']:.1f}   seed_AP50 {segm['seed_AP50']:.1f}")
+    print(f"[demo]   AP {segm['AP']:.1f}   AP50 {segm['AP50']:.1f}   matterport_AP50 {segm['matterport_AP50']:.1f}")
     print(f"[demo] checkpoints, metrics.json, config.yaml, log.txt: {OUTPUT_DIR}/")
     print(f"[demo] evaluation files: {OUTPUT_DIR}/inference/{val_name}/")
     print(f"[demo] overlays of {len(images)} val images: {predictions_dir}/overlays/")

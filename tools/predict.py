@@ -10,18 +10,14 @@ import argparse
 
 from detectron2.utils.logger import setup_logger
 
-from cityseg_d2.engine.cli import run_cli
+from cityseg_d2.engine import prepare_config
 from cityseg_d2.engine.predict import find_images, predict_images
-from cityseg_d2.engine.setup import load_config, use_cpu_without_cuda
-from cityseg_d2.data import register_from_config
+from cityseg_d2.errors import run_cli
 
 
 def main(args):
     setup_logger(name="cityseg_d2")
-    cfg = load_config(args.config_file, args.opts)
-    use_cpu_without_cuda(cfg)
-    register_from_config(cfg)
-    cfg.freeze()
+    cfg = prepare_config(args.config_file, args.opts)
     images = find_images(args.input)
     predict_images(cfg, images, args.output, args.confidence_threshold)
     print(f"wrote overlays, Cityscapes result files and JSON for {len(images)} images to {args.output}")

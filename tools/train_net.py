@@ -11,14 +11,14 @@ Everything a detectron2 user types works: --config-file, --resume, --eval-only, 
 from detectron2.engine import default_argument_parser, launch
 
 from cityseg_d2.engine import Trainer, setup
-from cityseg_d2.engine.cli import run_cli
+from cityseg_d2.errors import run_cli
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
         return Trainer.evaluate_weights(cfg, resume=args.resume)
-    trainer = Trainer(cfg, config_file=args.config_file)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

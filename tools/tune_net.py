@@ -9,10 +9,10 @@ trials.csv / trials.json (best first) and best_config.yaml, which train_net.py t
 
 On this machine (Ray starts here; one GPU per trial if there are GPUs, else the trials run on the CPU):
 
-  python tools/tune_net.py --config-file configs/seed/mask_rcnn_R_101_FPN_seed10.yaml \\
-      --sweep configs/sweeps/seed_space.yaml
-  python tools/tune_net.py --config-file configs/seed/mask_rcnn_R_101_FPN_seed10.yaml \\
-      --sweep configs/sweeps/seed_space.yaml --resume      # continue it after an interruption
+  python tools/tune_net.py --config-file configs/student_project/mask_rcnn_R_101_FPN_cityscapes10.yaml \\
+      --sweep configs/sweeps/student_project_space.yaml
+  python tools/tune_net.py --config-file configs/student_project/mask_rcnn_R_101_FPN_cityscapes10.yaml \\
+      --sweep configs/sweeps/student_project_space.yaml --resume      # continue it after an interruption
 
 On a Ray cluster: start the head, then every GPU worker (from the repository root, with the same venv and
 data paths), and point --storage at a directory all nodes share (NFS):
@@ -27,9 +27,8 @@ import logging
 
 import ray
 
-from cityseg_d2.data import register_from_config
-from cityseg_d2.engine.cli import run_cli
-from cityseg_d2.engine.setup import ConfigError, check_config, load_config
+from cityseg_d2.engine import prepare_config
+from cityseg_d2.errors import ConfigError, run_cli
 from cityseg_d2.integrations import ray_tune
 
 logger = logging.getLogger("cityseg_d2.tune_net")
@@ -38,7 +37,7 @@ logger = logging.getLogger("cityseg_d2.tune_net")
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="", metavar="FILE", help="base detectron2 config")
-    parser.add_argument("--sweep", default="", metavar="FILE", help="sweep file, e.g. configs/sweeps/seed_space.yaml")
+    parser.add_argument("--sweep", default="", metavar="FILE", help="sweep file, e.g. configs/sweeps/student_project_space.yaml")
     parser.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
     parser.add_argument("--num-samples", type=int, default=None, help="trials to sample (default: the sweep file's)")
     parser.add_argument("--gpus-per-trial", type=float, default=None, help="0..1 (default: 1 if there are GPUs, else 0)")
@@ -63,8 +62,8 @@ def prepare(args):
         logger.info("resuming %s with the sweep and base config saved there", experiment_dir)
         return sweep, cfg
     if not args.sweep:
-        raise ConfigError("no sweep file given: pass --sweep, e.g. configs/sweeps/seed_space.yaml")
-    cfg = load_config(args.config_file, args.opts)
+        raise ConfigError("no sweep file given: pass --sweep, e.g. configs/sweeps/student_project_space.yaml")
+    cfg = prepare_config(args.config_file, args.opts)
     sweep = ray_tune.load_sweep(args.sweep)
     if args.name:
         sweep.name = args.name
@@ -73,8 +72,6 @@ def prepare(args):
             raise ConfigError(f"--num-samples {args.num_samples}: must be >= 1")
         sweep.num_samples = args.num_samples
     ray_tune.validate_sweep(sweep, cfg)
-    register_from_config(cfg)
-    check_config(cfg)
     ray_tune.check_new_experiment(args.storage, sweep.name)
     return sweep, cfg
 

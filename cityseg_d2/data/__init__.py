@@ -1,5 +1,6 @@
 """Cityscapes datasets for detectron2: loader, registration, cache, synthetic generator and explorer."""
-from .cityscapes import CityscapesDataError, load_cityscapes_instances
+from ..errors import CityscapesDataError
+from .cityscapes import MASK_SOURCES, load_cityscapes_instances
 from .classes import CLASS_SETS
 from .register import (
     default_cityscapes_root,
@@ -15,6 +16,7 @@ register_builtin_datasets()
 __all__ = [
     "CLASS_SETS",
     "CityscapesDataError",
+    "MASK_SOURCES",
     "default_cityscapes_root",
     "default_synthetic_root",
     "gt_instance_ids_path",

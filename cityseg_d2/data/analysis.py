@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pycocotools.mask as mask_util
 from matplotlib.figure import Figure
+from tabulate import tabulate
 
 # COCO's size classes: small < 32², medium < 96² pixels.
 _SMALL, _MEDIUM = 32**2, 96**2
@@ -107,23 +108,18 @@ def class_table(stats):
     return columns, rows
 
 
-def _format(columns, rows):
-    widths = [max(len(str(v)) for v in [column] + [row[i] for row in rows]) for i, column in enumerate(columns)]
-    lines = ["  ".join(str(v).rjust(w) for v, w in zip(line, widths)) for line in [columns] + rows]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
-
-
 def format_tables(stats):
     """The stats as printable tables: per class, per city, per image and image sizes."""
     p = stats["per_image"]
+    class_columns, class_rows = class_table(stats)
     city_columns = ["city", "images", "instances"] + stats["classes"]
     city_rows = [[city, *counts.values()] for city, counts in stats["per_city"].items()]
     return "\n\n".join(
         [
             f"{stats['name'] or 'dataset'}: {stats['num_images']} images, {stats['num_instances']} instances, "
             f"{stats['num_crowd_regions']} crowd regions",
-            _format(*class_table(stats)),
-            _format(city_columns, city_rows),
+            tabulate(class_rows, headers=class_columns),
+            tabulate(city_rows, headers=city_columns),
             f"instances per image: mean {p['mean']:.1f}, median {p['median']:.0f}, max {p['max']:.0f}, "
             f"{p['without_instances']} images without any",
             "image sizes: " + ", ".join(f"{size} ({n})" for size, n in stats["image_sizes"].items()),

@@ -20,6 +20,7 @@ import pycocotools.mask as mask_util
 import shapely
 from detectron2.structures import BoxMode
 
+from ..errors import CityscapesDataError
 from .cache import load_or_build
 from .classes import class_set_labels, resolve_label
 
@@ -36,10 +37,6 @@ _PARALLEL_MIN_IMAGES = 64
 # How far (in pixels) a polygon is grown so that pycocotools rasterizes it like PIL draws it; measured on the
 # synthetic set: 0.35 gives the best IoU with instanceIds.png (0.5 over-covers diagonal edges, 0.25 under-covers).
 _POLYGON_GROWTH = 0.35
-
-
-class CityscapesDataError(ValueError):
-    """A Cityscapes file or folder is missing or malformed; the message names it."""
 
 
 class ImageFiles(NamedTuple):
@@ -67,7 +64,7 @@ def _stat(entry):
     return stat.st_size, stat.st_mtime_ns
 
 
-def find_images(root, split, cities=None, mask_source="polygons"):
+def list_split_files(root, split, cities=None, mask_source="polygons"):
     """The images of a split (sorted by id) with the ground-truth file each needs, checked to exist."""
     image_dir = os.path.join(root, "leftImg8bit", split)
     gt_dir = os.path.join(root, "gtFine", split)
@@ -360,7 +357,7 @@ def load_cityscapes_instances(
     if mask_source not in MASK_SOURCES:
         raise ValueError(f"unknown mask_source {mask_source!r}; choose one of {MASK_SOURCES}")
     class_set_labels(class_set)  # fails early on an unknown class set
-    images = select_images(find_images(root, split, cities, mask_source), max_images, image_list, subset_seed)
+    images = select_images(list_split_files(root, split, cities, mask_source), max_images, image_list, subset_seed)
     if not cache:
         return parse_images(images, class_set, mask_source)
     options = {"root": os.path.abspath(root), "split": split, "class_set": class_set, "mask_source": mask_source}

@@ -3,11 +3,11 @@ from cityscapesscripts.helpers.labels import labels, name2label
 
 _EVALUATED = [label for label in labels if label.hasInstances and not label.ignoreInEval]
 
-# seed10 appends caravan and trailer (instance classes the official benchmark ignores) after the 8 evaluated
+# cityscapes10 appends caravan and trailer (instance classes the official benchmark ignores) after the 8 evaluated
 # classes, so the contiguous ids of the 8 stay the same in both sets.
 CLASS_SETS = {
     "cityscapes8": tuple(_EVALUATED),
-    "seed10": tuple(_EVALUATED + [name2label["caravan"], name2label["trailer"]]),
+    "cityscapes10": tuple(_EVALUATED + [name2label["caravan"], name2label["trailer"]]),
 }
 
 

@@ -39,7 +39,7 @@ def register_cityscapes_instances(
     Args:
         root: folder holding leftImg8bit/ and gtFine/.
         split: "train", "val" or "test" (test images have no public annotations and load without any).
-        class_set: "cityscapes8" (the 8 officially evaluated classes) or "seed10" (also caravan and trailer).
+        class_set: "cityscapes8" (the 8 officially evaluated classes) or "cityscapes10" (also caravan and trailer).
         cities: city names to keep (None = all).
         max_images: keep a seeded random sample of this many images (None or 0 = all).
         image_list: image ids to keep (e.g. "aachen_000000_000019"), or a text file of them, one a line.
@@ -73,7 +73,6 @@ def register_cityscapes_instances(
         thing_colors=[label.color for label in labels],
         thing_label_ids=[label.id for label in labels],
         thing_dataset_id_to_contiguous_id={label.id: i for i, label in enumerate(labels)},
-        evaluator_type="cityscapes_instance",
         image_dir=os.path.join(root, "leftImg8bit", split),
         gt_dir=os.path.join(root, "gtFine", split),
         root=root,

@@ -1,5 +1,5 @@
-"""Training and inference on top of detectron2's DefaultTrainer."""
-from .setup import ConfigError, setup
-from .trainer import Trainer, TrainingDivergedError
+"""Training and inference on top of detectron2's DefaultTrainer, and the one way to make their config."""
+from .setup import prepare_config, setup
+from .trainer import Trainer
 
-__all__ = ["ConfigError", "setup", "Trainer", "TrainingDivergedError"]
+__all__ = ["Trainer", "prepare_config", "setup"]

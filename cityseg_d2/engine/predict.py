@@ -12,9 +12,9 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from tqdm import tqdm
 
-from ..evaluation.cityscapes_common import ImagePredictions
+from ..evaluation.protocol import ImagePredictions
 from ..evaluation.official_cityscapes import write_prediction_files
-from .setup import ConfigError
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 
-from ..data.analysis import registered_dataset_stats
+from ..errors import ConfigError, TrainingDivergedError, first_line
 from ..evaluation import build_evaluator
-from ..integrations.wandb import WandbWriter, build_wandb_hooks, init_wandb_run, log_dataset_stats
-from .setup import ConfigError
+from ..integrations import wandb_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -20,30 +19,18 @@ _LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingEr
 
 
 def _weights_error(weights, error):
-    return ConfigError(f"MODEL.WEIGHTS {weights!r} could not be loaded: {str(error).strip().splitlines()[0]}")
-
-
-class TrainingDivergedError(FloatingPointError):
-    """A loss became NaN or inf; the message says at which iteration and what usually helps."""
+    return ConfigError(f"MODEL.WEIGHTS {weights!r} could not be loaded: {first_line(error)}")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer whose evaluators come from TEST.EVALUATORS, which keeps the best checkpoint and logs to
-    Weights & Biases when WANDB.ENABLED (or $WANDB_PROJECT) says so.
+    """DefaultTrainer whose evaluators come from TEST.EVALUATORS, which keeps the best checkpoint
+    (CITYSEG.BEST_CHECKPOINT_METRIC) and logs to Weights & Biases when the config turns it on.
 
     Data loading is detectron2's DatasetMapper: the Cityscapes recipe's multi-scale resize and flips come from
     INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP (and INPUT.CROP), as in every detectron2 config.
+    `wandb` is the W&B session (cityseg_d2.integrations.wandb.WandbSession) on the main process when W&B is on,
+    else None; its run starts when training starts.
     """
-
-    def __init__(self, cfg, config_file=None, wandb_group=None, wandb_name=None, wandb_extra_config=None):
-        # The run must exist before DefaultTrainer.__init__ builds the writers and hooks that log to it.
-        self.wandb_run = init_wandb_run(
-            cfg, config_file=config_file, group=wandb_group, name=wandb_name, extra_config=wandb_extra_config
-        )
-        if self.wandb_run is not None and cfg.WANDB.LOG_DATASET_STATS:
-            for name in cfg.DATASETS.TRAIN:
-                log_dataset_stats(self.wandb_run, registered_dataset_stats(name), prefix=f"dataset/{name}")
-        super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -58,7 +45,12 @@ class Trainer(DefaultTrainer):
             raise ConfigError(f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}: {e}") from e
 
     def build_hooks(self):
-        ret = super().build_hooks()
+        self.wandb = None
+        if wandb_enabled(self.cfg) and comm.is_main_process():
+            from ..integrations.wandb import WandbSession
+
+            self.wandb = WandbSession(self.cfg)
+        ret = super().build_hooks()  # calls build_writers
         metric = self.cfg.CITYSEG.BEST_CHECKPOINT_METRIC
         best = None
         if metric and self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
@@ -67,11 +59,13 @@ class Trainer(DefaultTrainer):
             )
         # After the EvalHook whose results they read, before the PeriodicWriter that is always last (its
         # after_train closes the writers, which finishes the W&B run).
-        ret[-1:-1] = ([best] if best else []) + build_wandb_hooks(self.wandb_run, self.cfg, best)
+        ret[-1:-1] = ([best] if best else []) + (self.wandb.evaluation_hooks(best) if self.wandb else [])
+        if self.wandb:
+            ret.insert(0, self.wandb)  # first: the run exists before any other hook's before_train
         return ret
 
     def build_writers(self):
-        return super().build_writers() + ([WandbWriter(self.wandb_run)] if self.wandb_run is not None else [])
+        return super().build_writers() + ([self.wandb.writer()] if self.wandb else [])
 
     def resume_or_load(self, resume=True):
         try:
@@ -86,7 +80,7 @@ class Trainer(DefaultTrainer):
             if isinstance(e, TrainingDivergedError):
                 raise
             raise TrainingDivergedError(
-                f"training diverged at iteration {self.iter}: {str(e).splitlines()[0]} Lower SOLVER.BASE_LR, raise "
+                f"training diverged at iteration {self.iter}: {first_line(e)} Lower SOLVER.BASE_LR, raise "
                 "SOLVER.WARMUP_ITERS or turn on SOLVER.CLIP_GRADIENTS.ENABLED; with random init use GN or BN, not FrozenBN."
             ) from e
 

@@ -12,14 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from detectron2.utils import comm
 
-from .cityscapes_common import (
-    IOU_THRESHOLDS,
-    MIN_REGION_SIZE,
-    CityscapesEvaluatorBase,
-    seed_image_ap50,
-    quiet_nanmean,
-    segm_results,
-)
+from .base import CityscapesEvaluatorBase, quiet_nanmean, segm_results
+from .matterport_metric import matterport_image_ap50
+from .protocol import IOU_THRESHOLDS, MIN_REGION_SIZE
 
 
 @dataclass
@@ -144,23 +139,23 @@ class FastCityscapesInstanceEvaluator(CityscapesEvaluatorBase):
     """Cityscapes instance AP (the official protocol and numbers) computed in memory; a detectron2 evaluator.
 
     Works under inference_on_dataset with several processes (the main one gathers and evaluates). Returns
-    {"segm": {"AP", "AP50", "AP-<class>", "AP50-<class>", "seed_AP50"}} in percent; NaN for a class that has no
+    {"segm": {"AP", "AP50", "AP-<class>", "AP50-<class>", "matterport_AP50"}} in percent; NaN for a class that has no
     ground truth in the dataset, which the means leave out, as the script does.
     """
 
     def reset(self):
         self._stats = []
-        self._seed_aps = []
+        self._matterport_aps = []
 
     def process(self, inputs, outputs):
         for _, _, predictions, overlaps in self._images(inputs, outputs):
             self._stats.append(ImageMatchStats.compute(overlaps, predictions, self._classes))
-            self._seed_aps.append(seed_image_ap50(overlaps, predictions, self._classes))
+            self._matterport_aps.append(matterport_image_ap50(overlaps, predictions, self._classes))
 
     def evaluate(self):
         comm.synchronize()
         stats = list(itertools.chain(*comm.gather(self._stats, dst=0)))
-        seed_aps = [ap for ap in itertools.chain(*comm.gather(self._seed_aps, dst=0)) if ap is not None]
+        matterport_aps = [ap for ap in itertools.chain(*comm.gather(self._matterport_aps, dst=0)) if ap is not None]
         if not comm.is_main_process():
             return {}
         self._warn_if_empty(len(stats), sum(len(s.scores) for s in stats))
@@ -172,7 +167,7 @@ class FastCityscapesInstanceEvaluator(CityscapesEvaluatorBase):
             class_ap50s=aps[:, 0],
             mean_ap=quiet_nanmean(aps),
             mean_ap50=quiet_nanmean(aps[:, 0]),
-            seed_aps=seed_aps,
+            matterport_aps=matterport_aps,
             classes=self._classes,
             title=f"Cityscapes instance AP (fast) on {self._dataset_name}",
         )

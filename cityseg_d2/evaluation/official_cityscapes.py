@@ -21,7 +21,8 @@ from cityscapesscripts.helpers.labels import id2label
 from detectron2.utils import comm
 from PIL import Image
 
-from .cityscapes_common import CityscapesEvaluatorBase, seed_image_ap50, segm_results
+from .base import CityscapesEvaluatorBase, segm_results
+from .matterport_metric import matterport_image_ap50
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def run_official_evaluation(gt_files, prediction_files, prediction_dir, classes)
     """evalInstanceLevelSemanticLabeling's result dict (the JSON the script exports) for these files.
 
     Evaluates the labels of `classes` (EvaluatedClasses); the ignoreInEval labels other than those are void, so
-    "seed10" evaluates caravan and trailer instead of treating them as void. The module's `args` and `labels`
+    "cityscapes10" evaluates caravan and trailer instead of treating them as void. The module's `args` and `labels`
     are restored afterwards.
     """
     args = script.args
@@ -105,7 +106,7 @@ class CityscapesInstanceEvaluator(CityscapesEvaluatorBase):
     cityscapes_instance_predictions, or a temporary folder removed after evaluate when output_dir is None); the
     main process evaluates the dataset's images (those processed, so a registered subset is evaluated as such)
     and, with an output_dir, saves the script's result JSON there. Returns {"segm": {"AP", "AP50",
-    "AP-<class>", "AP50-<class>", "seed_AP50"}} in percent. Single machine only (the folder is shared on disk).
+    "AP-<class>", "AP50-<class>", "matterport_AP50"}} in percent. Single machine only (the folder is shared on disk).
     """
 
     def __init__(self, dataset_name, output_dir=None):
@@ -115,7 +116,7 @@ class CityscapesInstanceEvaluator(CityscapesEvaluatorBase):
 
     def reset(self):
         self._files = []  # (ground-truth file, prediction text file) per image
-        self._seed_aps = []
+        self._matterport_aps = []
         self._num_predictions = 0
         prediction_dir = None
         if comm.is_main_process():
@@ -134,13 +135,13 @@ class CityscapesInstanceEvaluator(CityscapesEvaluatorBase):
         for image, gt_file, predictions, overlaps in self._images(inputs, outputs):
             text_file = write_prediction_files(self._prediction_dir, image["image_id"], predictions, label_ids)
             self._files.append((gt_file, text_file))
-            self._seed_aps.append(seed_image_ap50(overlaps, predictions, self._classes))
+            self._matterport_aps.append(matterport_image_ap50(overlaps, predictions, self._classes))
             self._num_predictions += len(predictions.scores)
 
     def evaluate(self):
         comm.synchronize()
         files = list(itertools.chain(*comm.gather(self._files, dst=0)))
-        seed_aps = [ap for ap in itertools.chain(*comm.gather(self._seed_aps, dst=0)) if ap is not None]
+        matterport_aps = [ap for ap in itertools.chain(*comm.gather(self._matterport_aps, dst=0)) if ap is not None]
         num_predictions = sum(comm.gather(self._num_predictions, dst=0))
         if not comm.is_main_process():
             return {}
@@ -164,7 +165,7 @@ class CityscapesInstanceEvaluator(CityscapesEvaluatorBase):
             class_ap50s=[c["ap50%"] for c in by_label],
             mean_ap=averages["allAp"],
             mean_ap50=averages["allAp50%"],
-            seed_aps=seed_aps,
+            matterport_aps=matterport_aps,
             classes=self._classes,
             title=f"Cityscapes instance AP (cityscapesscripts) on {self._dataset_name}",
         )

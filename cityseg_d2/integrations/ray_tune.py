@@ -31,10 +31,9 @@ from ray import tune
 from ray.tune.trainable.function_trainable import wrap_function
 
 from ..config import get_cityseg_cfg
-from ..data import register_from_config
-from ..engine import Trainer
-from ..engine.setup import ConfigError, check_config, load_config
-from ..evaluation import EVALUATORS
+from ..engine import Trainer, prepare_config
+from ..errors import ConfigError
+from ..evaluation import reported_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ SCHEDULERS = ("asha", "fifo")
 SEARCH_ALGORITHMS = ("random", "optuna")
 # Set by every trial itself, so a sweep may not sample them.
 TRIAL_OWNED_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE")
-# The tasks each TEST.EVALUATORS entry reports results for ({"segm": {"AP": ...}} -> "segm/AP").
-EVALUATOR_TASKS = {"cityscapes": ("segm",), "cityscapes_fast": ("segm",), "coco": ("bbox", "segm")}
 TRIAL_OUTPUT = "output"  # a trial's OUTPUT_DIR, inside its trial directory
 # The sweep (resources resolved) and the base config a sweep started with, in its experiment dir for --resume.
 SAVED_SWEEP = "sweep.yaml"
@@ -238,10 +235,12 @@ def validate_sweep(sweep, cfg):
     """Check the sweep against the base config before any trial starts: every key and candidate merges,
     the metric is one the configured evaluators (or the training losses) report, and ASHA's budget fits."""
     source = sweep.source
+    trial_cfg = cfg.clone()
+    trial_cfg.defrost()
     for key, spec in sweep.space.items():
         for value in spec.values:
             try:
-                cfg.clone().merge_from_list([key, value])
+                trial_cfg.clone().merge_from_list([key, value])
             except (KeyError, AssertionError) as e:
                 raise ConfigError(f"{source}: space: {key} is not a config key of the base config") from e
             except ValueError as e:
@@ -269,32 +268,18 @@ def _config_value(cfg, key):
     return node
 
 
-def reportable_metric_prefixes(cfg):
-    """The prefixes of what the evaluators report, as EvalHook stores it: "segm/" for the first evaluator,
-    "coco/segm/" for a further one (build_evaluator prefixes it), "<dataset>/..." with several test sets."""
-    unknown = [name for name in cfg.TEST.EVALUATORS if name not in EVALUATORS]
-    if unknown:
-        raise ConfigError(f"TEST.EVALUATORS {list(cfg.TEST.EVALUATORS)}: unknown {unknown}; known: {sorted(EVALUATORS)}")
-    prefixes = []
-    for i, name in enumerate(cfg.TEST.EVALUATORS):
-        prefixes += [f"{task}/" if i == 0 else f"{name}/{task}/" for task in EVALUATOR_TASKS[name]]
-    if len(cfg.DATASETS.TEST) > 1:  # DefaultTrainer.test keys results by data set when there are several
-        return [f"{dataset}/{p}" for dataset in cfg.DATASETS.TEST for p in prefixes]
-    return prefixes
-
-
 def _validate_metric(sweep, cfg):
     metric, source = sweep.metric, sweep.source
     if metric == "total_loss" or metric.startswith("loss_"):
         if sweep.mode != "min":
             raise ConfigError(f"{source}: metric {metric} is a training loss: use mode: min")
         return
-    prefixes = reportable_metric_prefixes(cfg)
-    if not any(metric.startswith(p) and len(metric) > len(p) for p in prefixes):
+    reported = reported_metrics(cfg)
+    if metric not in reported:
         raise ConfigError(
             f"{source}: metric {metric!r} is not reported with TEST.EVALUATORS {list(cfg.TEST.EVALUATORS)}: use "
-            f"{' or '.join(p + 'AP' for p in prefixes) or 'a training loss'} (or another key they report), "
-            "total_loss or a loss_* term"
+            f"one of {', '.join(reported[:6])}, ... (see cityseg_d2.evaluation.reported_metrics), total_loss or a "
+            "loss_* term"
         )
 
 
@@ -364,19 +349,19 @@ def resolve_resources(sweep, cfg, cluster, cpus_per_trial=None, gpus_per_trial=N
 # Trials
 
 
-def trial_config(base_cfg, overrides, output_dir, cpus, use_gpu):
-    """The base config with a trial's sampled values and what the trial's process dictates."""
-    cfg = base_cfg.clone()
-    cfg.defrost()
-    cfg.merge_from_list(overrides)
-    cfg.OUTPUT_DIR = output_dir
-    cfg.MODEL.DEVICE = "cuda" if use_gpu else "cpu"
+def trial_config(base_cfg, overrides, output_dir, cpus, use_gpu, wandb_group="", wandb_name=""):
+    """The base config with a trial's sampled values and what the trial's process dictates, prepared."""
+    trial_keys = [
+        "OUTPUT_DIR", output_dir,
+        "MODEL.DEVICE", "cuda" if use_gpu else "cpu",
+        # The trial's CPUs: one for the training process, the rest for data loading.
+        "DATALOADER.NUM_WORKERS", min(base_cfg.DATALOADER.NUM_WORKERS, max(0, int(cpus) - 1)),
+    ]  # fmt: skip
     if not use_gpu:
-        cfg.SOLVER.AMP.ENABLED = False
-    # The trial's CPUs: one for the training process, the rest for data loading.
-    cfg.DATALOADER.NUM_WORKERS = min(cfg.DATALOADER.NUM_WORKERS, max(0, int(cpus) - 1))
-    cfg.freeze()
-    return cfg
+        trial_keys += ["SOLVER.AMP.ENABLED", False]
+    if wandb_group:
+        trial_keys += ["WANDB.GROUP", wandb_group, "WANDB.NAME", wandb_name]
+    return prepare_config(base=base_cfg, opts=[*overrides, *trial_keys], resume=True)
 
 
 class TuneReportHook(HookBase):
@@ -468,10 +453,10 @@ def _train_trial(config, base_config, sweep, experiment_dir):
     base_cfg.merge_from_other_cfg(CfgNode.load_cfg(base_config))
     cpus = context.get_trial_resources().required_resources.get("CPU", 1)
     sampled = sweep.overrides(config)
-    cfg = trial_config(base_cfg, sampled, output_dir, cpus, use_gpu=bool(ray.get_gpu_ids()))
+    cfg = trial_config(
+        base_cfg, sampled, output_dir, cpus, use_gpu=bool(ray.get_gpu_ids()), wandb_group=sweep.name, wandb_name=trial_name
+    )
     torch.set_num_threads(max(1, int(cpus)))
-    register_from_config(cfg)
-    check_config(cfg, resume=True)
     _setup_trial_logging(cfg, argparse.Namespace(sweep=sweep.name, trial=trial_name, sampled=sampled))
 
     checkpoint = tune.get_checkpoint()
@@ -482,7 +467,9 @@ def _train_trial(config, base_config, sweep, experiment_dir):
             return
     # With W&B on, each trial is one run of the group named after the sweep, logged by its own Trainer.
     tune_info = {"sweep": sweep.name, "trial": trial_name, **dict(zip(sampled[0::2], sampled[1::2]))}
-    trainer = Trainer(cfg, wandb_group=sweep.name, wandb_name=trial_name, wandb_extra_config={"tune": tune_info})
+    trainer = Trainer(cfg)
+    if trainer.wandb:
+        trainer.wandb.extra_config["tune"] = tune_info
     trainer.register_hooks([TuneReportHook(cfg.TEST.EVAL_PERIOD)])
     if os.environ.get(FAIL_ONCE_ENV):
         marker = os.path.join(output_dir, FAIL_ONCE_MARKER)
@@ -592,7 +579,7 @@ def load_saved_sweep(experiment_dir):
     if not tune.Tuner.can_restore(experiment_dir) or not os.path.isfile(sweep_file):
         raise ConfigError(f"--resume: {experiment_dir} holds no sweep Ray can resume (pass the same --name/--storage)")
     sweep = load_sweep(sweep_file)
-    cfg = load_config(os.path.join(experiment_dir, SAVED_BASE_CONFIG))
+    cfg = prepare_config(os.path.join(experiment_dir, SAVED_BASE_CONFIG))
     return sweep, cfg
 
 

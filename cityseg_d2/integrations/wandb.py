@@ -1,10 +1,11 @@
 """Weights & Biases for training runs and Ray Tune trials: one W&B run per training, fed by detectron2's EventStorage.
 
-A trainer wires it in three places, on the main process (every function and hook here accepts run=None):
+A trainer (see cityseg_d2.engine.Trainer) wires a WandbSession in three places, on the main process only:
 
-    run = init_wandb_run(cfg, config_file=...)       # before DefaultTrainer.__init__, which builds the hooks
-    writers.append(WandbWriter(run))                 # build_writers: scalars; its close() finishes the run
-    hooks[-1:-1] = build_wandb_hooks(run, cfg, best) # build_hooks: after EvalHook/BestCheckpointer, before PeriodicWriter
+    session = WandbSession(cfg)                             # nothing starts yet
+    hooks.insert(0, session)                                # before_train starts the run
+    writers.append(session.writer())                        # build_writers: scalars; its close() finishes the run
+    hooks[-1:-1] = session.evaluation_hooks(best)           # after EvalHook/BestCheckpointer, before PeriodicWriter
 
 When it is on: W&B is on when WANDB.ENABLED is true or $WANDB_PROJECT is set, unless the mode is "disabled".
 WANDB.PROJECT/ENTITY/NAME/GROUP/TAGS/MODE each come from the config when not empty, else from $WANDB_PROJECT,
@@ -35,12 +36,14 @@ from detectron2.utils.events import EventWriter, get_event_storage
 from detectron2.utils.logger import log_first_n
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.analysis import registered_dataset_stats
+from . import WANDB_MODES
+
 logger = logging.getLogger(__name__)
 
 PANEL_KEY = "eval/predictions"
 PER_CLASS_KEY = "eval/per_class_AP"
 DEFAULT_PROJECT = "cityseg-d2"
-_MODES = ("online", "offline", "disabled")
 # Keys whose values never reach W&B (run config, artifact metadata), whatever a caller puts in extra_config.
 _SECRET_KEY = re.compile(r"api[_-]?key|token|secret|passw(or)?d|credential", re.IGNORECASE)
 _REDACTED = "<redacted>"
@@ -84,13 +87,13 @@ def _has_credentials():
         return False
 
 
-def _run_options(cfg, group=None, name=None):
+def _run_options(cfg):
     """wandb.init's project, entity, name, group, tags and mode; None when W&B is off."""
     w = cfg.WANDB
     mode = _config_or_env(w.MODE, "WANDB_MODE")
-    if mode and mode not in _MODES:
+    if mode and mode not in WANDB_MODES:
         source = "WANDB.MODE" if w.MODE else "$WANDB_MODE"
-        raise ValueError(f"{source} must be one of {', '.join(_MODES)} or empty, got {mode!r}")
+        raise ValueError(f"{source} must be one of {', '.join(WANDB_MODES)} or empty, got {mode!r}")
     if mode == "disabled" or not (w.ENABLED or os.environ.get("WANDB_PROJECT")):
         return None
     if not mode:
@@ -107,8 +110,8 @@ def _run_options(cfg, group=None, name=None):
     return {
         "project": _config_or_env(w.PROJECT, "WANDB_PROJECT") or DEFAULT_PROJECT,
         "entity": _config_or_env(w.ENTITY, "WANDB_ENTITY") or None,
-        "name": name or _config_or_env(w.NAME, "WANDB_NAME") or None,
-        "group": group or _config_or_env(w.GROUP, "WANDB_RUN_GROUP") or None,
+        "name": _config_or_env(w.NAME, "WANDB_NAME") or None,
+        "group": _config_or_env(w.GROUP, "WANDB_RUN_GROUP") or None,
         "tags": list(w.TAGS) or env_tags or None,
         "mode": mode,
     }
@@ -150,28 +153,28 @@ def _git_commit():
     return commit + ("+dirty" if dirty else "")
 
 
-def _run_config(cfg, config_file, extra_config):
-    config = {**_config_dict(cfg), "config_file": config_file, "git_commit": _git_commit()}
+def _run_config(cfg, extra_config):
+    config = {**_config_dict(cfg), "git_commit": _git_commit()}
     clashes = sorted(set(config) & set(extra_config or {}))
     if clashes:
         raise ValueError(f"extra_config keys {clashes} clash with the run config's own keys")
     return _public({**config, **(extra_config or {})})
 
 
-def init_wandb_run(cfg, config_file=None, group=None, name=None, extra_config=None):
+def init_wandb_run(cfg, extra_config=None):
     """Start the W&B run of a training or Ray Tune trial; None off the main process, when W&B is off or fails.
 
-    The run config holds the full config (nested), `config_file` and the git commit; `extra_config` (e.g. a trial's
-    sampled values) joins them at the top level. `group` and `name` override WANDB.GROUP and WANDB.NAME: a sweep
-    passes its own name and the trial's, so that its trials form one W&B group. Run files go to $WANDB_DIR, else
-    OUTPUT_DIR. Raises ValueError for a bad WANDB.MODE or clashing extra_config keys (user errors, not W&B's).
+    The run config holds the full config (nested) and the git commit; `extra_config` (e.g. a trial's sampled values)
+    joins them at the top level. A sweep sets WANDB.GROUP and WANDB.NAME of its trials, so that they form one W&B
+    group. Run files go to $WANDB_DIR, else OUTPUT_DIR. Raises ValueError for a bad WANDB.MODE or clashing
+    extra_config keys (user errors, not W&B's).
     """
     if not comm.is_main_process():
         return None
-    options = _run_options(cfg, group=group, name=name)
+    options = _run_options(cfg)
     if options is None:
         return None
-    config = _run_config(cfg, config_file, extra_config)
+    config = _run_config(cfg, extra_config)
     run_dir = os.environ.get("WANDB_DIR") or cfg.OUTPUT_DIR or "."
     os.makedirs(run_dir, exist_ok=True)
     try:
@@ -196,6 +199,40 @@ def init_wandb_run(cfg, config_file=None, group=None, name=None, extra_config=No
     return run
 
 
+class WandbSession(HookBase):
+    """The W&B run of one training, and the writer and hooks that feed it.
+
+    Building it starts nothing: the run starts in before_train (this hook goes first), and the training set's
+    statistics are computed then, only when WANDB.LOG_DATASET_STATS; the writer's close() finishes the run, which
+    PeriodicWriter calls last in after_train. `extra_config` (e.g. a sweep trial's sampled values) joins the run
+    config; `run` is None before training, off the main process, or when W&B failed to start.
+    """
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+        self.extra_config = {}
+        self.run = None
+
+    def before_train(self):
+        self.run = init_wandb_run(self._cfg, extra_config=self.extra_config)
+        if self.run is not None and self._cfg.WANDB.LOG_DATASET_STATS:
+            for name in self._cfg.DATASETS.TRAIN:
+                log_dataset_stats(self.run, registered_dataset_stats(name), prefix=f"dataset/{name}")
+
+    def writer(self):
+        return WandbWriter(self)
+
+    def evaluation_hooks(self, best_checkpointer=None):
+        """The hooks that go after EvalHook and BestCheckpointer, before PeriodicWriter: the evaluation panel (when
+        DATASETS.TEST names a data set) and, with WANDB.LOG_CHECKPOINTS, checkpoint artifacts."""
+        hooks = []
+        if self._cfg.DATASETS.TEST:
+            hooks.append(WandbEvalPanelHook(self, self._cfg, self._cfg.DATASETS.TEST[0]))
+        if self._cfg.WANDB.LOG_CHECKPOINTS:
+            hooks.append(WandbCheckpointHook(self, self._cfg, best_checkpointer))
+        return hooks
+
+
 class WandbWriter(EventWriter):
     """Every scalar of the EventStorage (losses, lr, time, data_time, evaluation results), with its iteration as step.
 
@@ -203,24 +240,28 @@ class WandbWriter(EventWriter):
     close() finishes the run: PeriodicWriter calls it last in after_train, after the final results are written.
     """
 
-    def __init__(self, run, window_size=20):
-        self._run = run
+    def __init__(self, session, window_size=20):
+        self._session = session
         self._window_size = window_size
         self._last_iteration = {}  # scalar name -> iteration last sent
 
     @_never_raises("logging scalars")
     def write(self):
+        run = self._session.run
+        if run is None:
+            return
         by_iteration = defaultdict(dict)
         for key, (value, iteration) in get_event_storage().latest_with_smoothing_hint(self._window_size).items():
             if iteration > self._last_iteration.get(key, -1):
                 by_iteration[iteration][key] = value
                 self._last_iteration[key] = iteration
         for iteration in sorted(by_iteration):  # W&B drops a step lower than one it has seen
-            self._run.log(by_iteration[iteration], step=iteration)
+            run.log(by_iteration[iteration], step=iteration)
 
     @_never_raises("finishing the run")
     def close(self):
-        self._run.finish()
+        if self._session.run is not None:
+            self._session.run.finish()
 
 
 @_never_raises("logging the per-class table")
@@ -326,8 +367,8 @@ class WandbEvalPanelHook(HookBase):
     EventStorage, so it goes after EvalHook, and before PeriodicWriter, whose after_train finishes the run.
     """
 
-    def __init__(self, run, cfg, dataset_name, score_threshold=0.5):
-        self._run = run
+    def __init__(self, session, cfg, dataset_name, score_threshold=0.5):
+        self._session = session
         self._cfg = cfg.clone()
         self._dataset_name = dataset_name
         self._period = cfg.TEST.EVAL_PERIOD
@@ -345,8 +386,10 @@ class WandbEvalPanelHook(HookBase):
             self._log_evaluation()
 
     def _log_evaluation(self):
+        if self._session.run is None:
+            return
         iteration = self.trainer.storage.iter
-        log_per_class_table(self._run, _eval_results_at(self.trainer.storage, iteration), iteration)
+        log_per_class_table(self._session.run, _eval_results_at(self.trainer.storage, iteration), iteration)
         if self._num_images > 0:
             self._log_panel(iteration)
 
@@ -389,7 +432,7 @@ class WandbEvalPanelHook(HookBase):
                     images.append(_overlay_image(sample, predictions, class_names))
         finally:
             model.train(was_training)
-        self._run.log({PANEL_KEY: images}, step=iteration)
+        self._session.run.log({PANEL_KEY: images}, step=iteration)
 
 
 @_never_raises("logging a checkpoint artifact")
@@ -420,8 +463,8 @@ class WandbCheckpointHook(HookBase):
     Goes after BestCheckpointer (whose best_iter it watches) and before PeriodicWriter.
     """
 
-    def __init__(self, run, cfg, best_checkpointer=None):
-        self._run = run
+    def __init__(self, session, cfg, best_checkpointer=None):
+        self._session = session
         self._cfg = cfg
         self._best_checkpointer = best_checkpointer
         self._logged_best_iter = None
@@ -435,7 +478,7 @@ class WandbCheckpointHook(HookBase):
         if self.trainer.iter >= self.trainer.max_iter and os.path.isfile(final):
             storage = self.trainer.storage
             log_checkpoint_artifact(
-                self._run, final, "final", storage.iter, _eval_results_at(storage, storage.iter), self._cfg
+                self._session.run, final, "final", storage.iter, _eval_results_at(storage, storage.iter), self._cfg
             )
 
     def _log_new_best(self):
@@ -445,20 +488,7 @@ class WandbCheckpointHook(HookBase):
         self._logged_best_iter = best.best_iter
         path = os.path.join(self._cfg.OUTPUT_DIR, "model_best.pth")  # BestCheckpointer's default file_prefix
         metrics = _eval_results_at(self.trainer.storage, best.best_iter)
-        log_checkpoint_artifact(self._run, path, "best", best.best_iter, metrics, self._cfg)
-
-
-def build_wandb_hooks(run, cfg, best_checkpointer=None):
-    """The W&B hooks for a trainer's build_hooks, to insert after EvalHook and BestCheckpointer, before PeriodicWriter:
-    the evaluation panel (when DATASETS.TEST names a data set) and, with WANDB.LOG_CHECKPOINTS, checkpoint artifacts."""
-    if run is None:
-        return []
-    hooks = []
-    if cfg.DATASETS.TEST:
-        hooks.append(WandbEvalPanelHook(run, cfg, cfg.DATASETS.TEST[0]))
-    if cfg.WANDB.LOG_CHECKPOINTS:
-        hooks.append(WandbCheckpointHook(run, cfg, best_checkpointer))
-    return hooks
+        log_checkpoint_artifact(self._session.run, path, "best", best.best_iter, metrics, self._cfg)
 
 
 @_never_raises("logging dataset statistics")

@@ -1,14 +1,11 @@
-"""What the official and the fast Cityscapes instance evaluators share: the protocol's constants, the class set,
-the ground truth, the predictions of an image, their overlaps, and the results they report.
+"""The Cityscapes instance protocol's ground truth and predictions: its constants, the evaluated classes, an image's
+instanceIds, its predicted masks and their overlaps with its ground-truth regions.
 
 The protocol is cityscapesscripts' evalInstanceLevelSemanticLabeling: AP averaged over mask IoU thresholds
 0.5:0.95, ground-truth instances under 100 pixels and group regions (instance id < 1000) are not matched, and an
 unmatched prediction that mostly covers void, group or small regions is not a false positive.
 """
 
-import logging
-import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import cv2
@@ -16,14 +13,6 @@ import numpy as np
 import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import DatasetEvaluator
-from tabulate import tabulate
-
-from cityseg_d2.data import gt_instance_ids_path
-
-from .seed_metric import matterport_ap50
-
-logger = logging.getLogger(__name__)
 
 # evalInstanceLevelSemanticLabeling's args.overlaps and args.minRegionSizes[0] (without distances).
 IOU_THRESHOLDS = np.arange(0.5, 1.0, 0.05)
@@ -37,7 +26,7 @@ class EvaluatedClasses:
     """The dataset's thing classes, which are the evaluated ones, and the ground-truth values that are void.
 
     Void is every cityscapesscripts label with ignoreInEval except the evaluated labels: for "cityscapes8" that
-    is exactly the official set; "seed10" evaluates caravan and trailer like the other classes instead of as void.
+    is exactly the official set; "cityscapes10" evaluates caravan and trailer like the other classes instead of as void.
     """
 
     names: tuple
@@ -151,67 +140,3 @@ class ImageOverlaps:
         """(N, M) mask IoU of each prediction with each region."""
         areas = self.intersections.sum(axis=1)
         return self.intersections / (self.region_areas[None, :] + areas[:, None] - self.intersections)
-
-
-def seed_image_ap50(overlaps, predictions, classes):
-    """The seed's per-image AP at IoU 0.5 (see seed_metric), or None for an image without ground-truth instances.
-
-    Its ground truth: the instances (not group regions) of the evaluated classes, whatever their size.
-    """
-    gt = np.flatnonzero(overlaps.is_instance & (classes.class_of_labels(overlaps.region_labels) >= 0))
-    if gt.size == 0:
-        return None
-    gt_classes = classes.class_of_labels(overlaps.region_labels[gt])
-    return matterport_ap50(gt_classes, predictions.classes, predictions.scores, overlaps.ious()[:, gt])
-
-
-def quiet_nanmean(values):
-    """np.nanmean without its warning when everything is NaN (classes absent from the ground truth)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmean(values))
-
-
-def segm_results(class_aps, class_ap50s, mean_ap, mean_ap50, seed_aps, classes, title):
-    """detectron2-style {"segm": {...}} in percent, logged as a per-class table.
-
-    Args:
-        class_aps, class_ap50s: per class (NaN for a class without ground truth), in [0, 1].
-        mean_ap, mean_ap50: their NaN-ignoring means, in [0, 1].
-        seed_aps: the seed's per-image AP50 of the images with ground-truth instances.
-    """
-    segm = OrderedDict(AP=100 * float(mean_ap), AP50=100 * float(mean_ap50))
-    for name, ap, ap50 in zip(classes.names, class_aps, class_ap50s):
-        segm[f"AP-{name}"] = 100 * float(ap)
-        segm[f"AP50-{name}"] = 100 * float(ap50)
-    segm["seed_AP50"] = 100 * quiet_nanmean(seed_aps) if len(seed_aps) else float("nan")
-    rows = [(name, segm[f"AP-{name}"], segm[f"AP50-{name}"]) for name in classes.names]
-    rows.append(("average", segm["AP"], segm["AP50"]))
-    table = tabulate(rows, headers=["class", "AP", "AP50"], tablefmt="pipe", floatfmt=".3f", numalign="left")
-    logger.info(f"{title}:\n{table}\nseed_AP50 (mean per-image AP@0.5 of the seed project): {segm['seed_AP50']:.3f}")
-    return OrderedDict(segm=segm)
-
-
-class CityscapesEvaluatorBase(DatasetEvaluator):
-    """Reads each processed image's ground truth and predictions; both Cityscapes evaluators build on it."""
-
-    def __init__(self, dataset_name):
-        self._dataset_name = dataset_name
-        self._metadata = MetadataCatalog.get(dataset_name)
-        self._classes = EvaluatedClasses.of_dataset(dataset_name)
-
-    def _images(self, inputs, outputs):
-        """(dataset dict, ground-truth path, ImagePredictions, ImageOverlaps) of each processed image."""
-        for inputs_of_image, output in zip(inputs, outputs):
-            gt_path = gt_instance_ids_path(inputs_of_image, self._metadata)
-            gt_ids = read_gt_instance_ids(gt_path)
-            predictions = ImagePredictions.from_output(
-                output, inputs_of_image["image_id"], gt_ids.shape, gt_path, len(self._classes.names)
-            )
-            yield inputs_of_image, gt_path, predictions, ImageOverlaps.compute(gt_ids, predictions.masks)
-
-    def _warn_if_empty(self, num_images, num_predictions):
-        if num_images == 0:
-            logger.warning(f"{type(self).__name__} on {self._dataset_name}: no images were processed; no results")
-        elif num_predictions == 0:
-            logger.warning(f"{type(self).__name__} on {self._dataset_name}: no predicted instances; AP is 0")

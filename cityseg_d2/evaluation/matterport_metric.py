@@ -1,7 +1,7 @@
-"""The seed project's metric: Matterport Mask R-CNN's per-image `compute_ap` at mask IoU 0.5.
+"""The student project's metric: Matterport Mask R-CNN's per-image `compute_ap` at mask IoU 0.5.
 
 The student project reported the mean of this per-image AP over the validation images (0.623); the Cityscapes
-evaluators report it as `seed_AP50` so that number compares like for like. It is not the Cityscapes AP: each
+evaluators report it as `matterport_AP50` so that number compares like for like. It is not the Cityscapes AP: each
 image is its own precision/recall curve, a prediction matches a ground-truth instance of the same class with
 IoU >= 0.5 (not > 0.5), precision is made monotone (VOC style) and nothing is ignored.
 """
@@ -40,3 +40,15 @@ def matterport_ap50(gt_classes, pred_classes, pred_scores, ious):
     precisions = np.maximum.accumulate(precisions[::-1])[::-1]
     steps = np.flatnonzero(recalls[1:] != recalls[:-1]) + 1
     return float(np.sum((recalls[steps] - recalls[steps - 1]) * precisions[steps]))
+
+
+def matterport_image_ap50(overlaps, predictions, classes):
+    """The student project's per-image AP at IoU 0.5 (see matterport_ap50), or None for an image without ground-truth instances.
+
+    Its ground truth: the instances (not group regions) of the evaluated classes, whatever their size.
+    """
+    gt = np.flatnonzero(overlaps.is_instance & (classes.class_of_labels(overlaps.region_labels) >= 0))
+    if gt.size == 0:
+        return None
+    gt_classes = classes.class_of_labels(overlaps.region_labels[gt])
+    return matterport_ap50(gt_classes, predictions.classes, predictions.scores, overlaps.ious()[:, gt])

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from detectron2.structures import BitMasks, Instances
 
-from .cityscapes_common import INSTANCE_ID_OFFSET
+from .protocol import INSTANCE_ID_OFFSET
 
 PERTURBATIONS = (
     "exact",  # the ground truth itself

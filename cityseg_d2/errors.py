@@ -1,0 +1,37 @@
+"""The errors a user can cause, and how command-line tools report them: one `error:` line and exit code 2.
+
+Everything else is a bug of ours or of a dependency and keeps its traceback.
+"""
+import sys
+
+
+class UserError(Exception):
+    """Caused by input (a config, a file, a sweep, a checkpoint), not by a bug; the message says what and where."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config, a sweep file or what they name (datasets, weights, metrics) is wrong."""
+
+
+class CityscapesDataError(UserError, ValueError):
+    """A Cityscapes file or folder is missing or malformed; the message names it."""
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """A loss became NaN or inf; the message says at which iteration and what usually helps."""
+
+
+def first_line(error):
+    """The first non-empty line of an exception's message (KeyError's repr quotes stripped), else its type name."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def run_cli(fn, *args, **kwargs):
+    """Call fn; on a UserError print `error: <message>` on stderr and exit with code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        sys.exit(2)
