@@ -35,3 +35,47 @@ def register_synthetic(synthetic_root):
         return name
 
     return register
+
+
+class ToolResult:
+    """What a tool run in-process left: its exit code and what it printed."""
+
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out, err
+
+    def error_lines(self):
+        return [line for line in self.err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def run_tool(capsys, monkeypatch, synthetic_root, tmp_path):
+    """run_tool("train_net.py", *args) runs tools/<tool> as `python tools/<tool> args` would, in this process (no
+    interpreter start-up, no re-import of torch and detectron2), with the builtin cityscapes_synthetic_instance_* names
+    pointing at the test data set. Returns a ToolResult; for what only a real process shows (signals, kill -9,
+    start-up warnings) use subprocess."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from cityseg_d2.data import register_builtin_datasets
+
+    datasets = tmp_path / "d2_datasets"
+    datasets.mkdir()
+    os.symlink(synthetic_root, datasets / "cityscapes_synthetic")
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
+    register_builtin_datasets()
+    tools = Path(__file__).resolve().parents[1] / "tools"
+
+    def run(tool, *args):
+        monkeypatch.setattr(sys, "argv", [str(tools / tool), *map(str, args)])
+        code = 0
+        try:
+            runpy.run_path(str(tools / tool), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return ToolResult(code, captured.out, captured.err)
+
+    yield run
+    monkeypatch.undo()
+    register_builtin_datasets()
