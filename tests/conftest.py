@@ -1,4 +1,6 @@
 """Shared fixtures: a private dataset cache, a small synthetic Cityscapes, and a helper to register it."""
+import contextlib
+import logging
 import os
 
 import pytest
@@ -37,6 +39,42 @@ def register_synthetic(synthetic_root):
     return register
 
 
+@contextlib.contextmanager
+def _restored_loggers():
+    """Remove the handlers a tool's run adds (detectron2's setup_logger binds them to the captured stdout and to the
+    run's log.txt) and forget setup_logger's cache, so the next run logs like a fresh process."""
+    from detectron2.utils.logger import setup_logger
+
+    loggers = [logging.getLogger(name) for name in ("detectron2", "fvcore", "cityseg_d2", "d2", "")]
+    before = {logger: list(logger.handlers) for logger in loggers}
+    try:
+        yield
+    finally:
+        for logger, handlers in before.items():
+            for handler in logger.handlers[:]:
+                if handler not in handlers:
+                    logger.removeHandler(handler)
+        setup_logger.cache_clear()
+
+
+@contextlib.contextmanager
+def _builtin_datasets_under(datasets_dir):
+    """The builtin dataset names registered under $DETECTRON2_DATASETS=datasets_dir, as a fresh process would."""
+    from cityseg_d2.data import register_builtin_datasets
+
+    previous = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(datasets_dir)
+    register_builtin_datasets()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DETECTRON2_DATASETS", None)
+        else:
+            os.environ["DETECTRON2_DATASETS"] = previous
+        register_builtin_datasets()
+
+
 class ToolResult:
     """What a tool run in-process left: its exit code and what it printed."""
 
@@ -47,35 +85,46 @@ class ToolResult:
         return [line for line in self.err.splitlines() if line.startswith("error:")]
 
 
-@pytest.fixture
-def run_tool(capsys, monkeypatch, synthetic_root, tmp_path):
-    """run_tool("train_net.py", *args) runs tools/<tool> as `python tools/<tool> args` would, in this process (no
-    interpreter start-up, no re-import of torch and detectron2), with the builtin cityscapes_synthetic_instance_* names
-    pointing at the test data set. Returns a ToolResult; for what only a real process shows (signals, kill -9,
-    start-up warnings) use subprocess."""
+def run_tool_in_process(tool, *args, datasets_dir=None):
+    """Run tools/<tool> as `python tools/<tool> args` would, in this process (no interpreter, torch and detectron2
+    start-up per run), with stdout and stderr captured and, with datasets_dir, the builtin dataset names under it.
+    For what only a real process shows (signals, kill -9, start-up warnings) use a subprocess."""
+    import io
     import runpy
     import sys
     from pathlib import Path
 
-    from cityseg_d2.data import register_builtin_datasets
+    path = Path(__file__).resolve().parents[1] / "tools" / tool
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [str(path), *map(str, args)]
+    code = 0
+    datasets = _builtin_datasets_under(datasets_dir) if datasets_dir else contextlib.nullcontext()
+    try:
+        with datasets, _restored_loggers(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return ToolResult(code, out.getvalue(), err.getvalue())
 
-    datasets = tmp_path / "d2_datasets"
-    datasets.mkdir()
+
+@pytest.fixture(scope="session")
+def synthetic_datasets_dir(synthetic_root, tmp_path_factory):
+    """A $DETECTRON2_DATASETS folder whose cityscapes_synthetic is the test data set."""
+    datasets = tmp_path_factory.mktemp("d2_datasets")
     os.symlink(synthetic_root, datasets / "cityscapes_synthetic")
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
-    register_builtin_datasets()
-    tools = Path(__file__).resolve().parents[1] / "tools"
+    return datasets
+
+
+@pytest.fixture
+def run_tool(synthetic_datasets_dir):
+    """run_tool("train_net.py", *args) -> ToolResult: run_tool_in_process with the builtin cityscapes_synthetic_instance_*
+    names pointing at the test data set."""
 
     def run(tool, *args):
-        monkeypatch.setattr(sys, "argv", [str(tools / tool), *map(str, args)])
-        code = 0
-        try:
-            runpy.run_path(str(tools / tool), run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        captured = capsys.readouterr()
-        return ToolResult(code, captured.out, captured.err)
+        return run_tool_in_process(tool, *args, datasets_dir=synthetic_datasets_dir)
 
-    yield run
-    monkeypatch.undo()
-    register_builtin_datasets()
+    return run
