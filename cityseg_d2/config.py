@@ -54,6 +54,7 @@ def _add_wandb_keys(cfg):
     w.LOG_CHECKPOINTS = False  # best and final checkpoints as model artifacts
     w.LOG_DATASET_STATS = True  # the dataset explorer's tables when a run starts
     w.NUM_VIS_IMAGES = 4  # fixed val images shown with predictions at each evaluation
+    w.VIS_SCORE_THRESHOLD = 0.5  # predictions below this score are left out of those images
     w.INIT_TIMEOUT = 60  # seconds; after that training goes on without W&B
 
 
