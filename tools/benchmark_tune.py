@@ -11,11 +11,22 @@ import argparse
 import os
 import time
 
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 import ray
 
 from cityseg_d2.engine import prepare_config
 from cityseg_d2.errors import run_cli
-from cityseg_d2.integrations import ray_tune
+from cityseg_d2.tune import (
+    connect_ray,
+    format_table,
+    new_experiment,
+    parse_sweep,
+    resolve_resources,
+    start_sweep,
+    trial_rows,
+    validate_sweep,
+    write_summary,
+)
 
 QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
 
@@ -34,12 +45,12 @@ def build_parser():
     parser.add_argument("--gpus-per-trial", type=float, default=None)
     parser.add_argument("--address", default=None)
     parser.add_argument("--storage", default="output/benchmark_tune")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the base config")
+    parser.add_argument("opts", nargs="*", default=[], metavar="KEY VALUE", help="overrides of the base config")
     return parser
 
 
 def sweep_of(args, name, scheduler):
-    return ray_tune.parse_sweep(
+    return parse_sweep(
         {
             "name": name,
             "metric": args.metric,
@@ -52,12 +63,13 @@ def sweep_of(args, name, scheduler):
 
 
 def run(args, sweep, cfg):
-    sweep = ray_tune.resolve_resources(sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial)
+    sweep = resolve_resources(sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial)
+    experiment_dir = new_experiment(args.storage, sweep.name)
     start = time.perf_counter()
-    results = ray_tune.start_sweep(sweep, cfg, args.storage)
+    results = start_sweep(sweep, cfg, experiment_dir)
     wall = time.perf_counter() - start
-    rows = ray_tune.trial_rows(results, sweep, cfg)
-    ray_tune.write_summary(rows, ray_tune.experiment_path(args.storage, sweep.name))
+    rows = trial_rows(results, sweep, cfg)
+    write_summary(rows, experiment_dir)
     trial_seconds = sum(r.metrics.get("time_total_s", 0) for r in results if r.metrics)
     best = rows[0]
     return {
@@ -81,17 +93,15 @@ def main(args):
         args, f"asha_{stamp}", {"type": "asha", "grace_period": args.grace, "reduction_factor": args.reduction_factor}
     )
     for sweep in (grid, asha):
-        ray_tune.validate_sweep(sweep, cfg)
-    ray_tune.connect_ray(args.address)
+        validate_sweep(sweep, cfg)
+    connect_ray(args.address)
     figures = {"full grid": run(args, grid, cfg), "ASHA": run(args, asha, cfg)}
 
     print(f"\n{len(args.lrs)} learning rates, {args.max_iter} iterations, evaluation every {args.eval_period}, "
           f"ASHA grace {args.grace}, reduction factor {args.reduction_factor}; {args.config_file}")  # fmt: skip
-    print(f"{'':28}{'full grid':>14}{'ASHA':>14}")
-    for key in figures["full grid"]:
-        print(f"{key:28}" + "".join(f"{ray_tune.cell_text(figures[s][key]):>14}" for s in figures))
+    print(format_table([{"": key, **{arm: figures[arm][key] for arm in figures}} for key in figures["full grid"]]))
     print(f"Experiments: {os.path.abspath(args.storage)}/{{{grid.name},{asha.name}}}")
 
 
 if __name__ == "__main__":
-    run_cli(main, build_parser().parse_args())
+    run_cli(main, build_parser().parse_intermixed_args())

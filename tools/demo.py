@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 

@@ -8,6 +8,7 @@ result files (the format of the official evaluation) and a JSON per image.
 """
 import argparse
 
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 from detectron2.utils.logger import setup_logger
 
 from cityseg_d2.engine import prepare_config

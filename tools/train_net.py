@@ -8,6 +8,7 @@ Everything a detectron2 user types works: --config-file, --resume, --eval-only, 
   python tools/train_net.py --config-file configs/mask_rcnn_R_50_FPN_coco.yaml --eval-only \\
       MODEL.WEIGHTS output/mask_rcnn_R_50_FPN_coco/model_final.pth TEST.EVALUATORS '["cityscapes", "coco"]'
 """
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 from detectron2.engine import default_argument_parser, launch
 
 from cityseg_d2.engine import Trainer, setup

@@ -2,8 +2,8 @@
 """Hyperparameter sweeps with Ray Tune: every trial trains cityseg_d2's detectron2 Trainer.
 
 The sweep file (configs/sweeps/*.yaml) holds the search space over config keys, the metric, the scheduler
-(ASHA), the search algorithm (random/grid or Optuna TPE), the trial budget and per-trial resources; trailing
-KEY VALUE pairs override the base config, as with train_net.py. Results go to STORAGE/NAME (default
+(ASHA), the search algorithm (random/grid or Optuna TPE), the trial budget and per-trial resources; KEY VALUE
+pairs (anywhere on the line) override the base config, as with train_net.py. Results go to STORAGE/NAME (default
 output/sweeps/<sweep file name>): one folder per trial (its detectron2 OUTPUT_DIR is trial_*/output),
 trials.csv / trials.json (best first) and best_config.yaml, which train_net.py takes as it is.
 
@@ -14,12 +14,13 @@ On this machine (Ray starts here; one GPU per trial if there are GPUs, else the 
   python tools/tune_net.py --config-file configs/student_project/mask_rcnn_R_101_FPN_cityscapes10.yaml \\
       --sweep configs/sweeps/student_project_space.yaml --resume      # continue it after an interruption
 
-On a Ray cluster: start the head, then every GPU worker (from the repository root, with the same venv and
-data paths), and point --storage at a directory all nodes share (NFS):
+On a Ray cluster (token authentication, Ray's default; see README, "Hyperparameter sweeps"): start the head,
+then every worker from the repository root with the same venv and data paths, each node holding the head's
+~/.ray/auth_token, and point --storage at a directory all nodes share (NFS):
 
-  ray start --head --port=6379                        # on the head node
-  ray start --address=HEAD_IP:6379                    # on each worker node
-  python tools/tune_net.py --address auto --storage /shared/sweeps \\
+  RAY_AUTH_MODE=token ray start --head --port=6379               # on the head node
+  RAY_AUTH_MODE=token ray start --address=HEAD_IP:6379           # on each worker node
+  RAY_AUTH_MODE=token python tools/tune_net.py --address HEAD_IP:6379 --storage /shared/sweeps \\
       --config-file configs/mask_rcnn_R_50_FPN_coco.yaml --sweep configs/sweeps/rich_space.yaml
 """
 import argparse
@@ -29,7 +30,21 @@ import ray
 
 from cityseg_d2.engine import prepare_config
 from cityseg_d2.errors import ConfigError, run_cli
-from cityseg_d2.integrations import ray_tune
+from cityseg_d2.tune import (
+    connect_ray,
+    experiment_path,
+    load_saved_sweep,
+    load_sweep,
+    new_experiment,
+    print_summary,
+    resolve_resources,
+    resume_sweep,
+    start_sweep,
+    trial_rows,
+    validate_sweep,
+    write_best_config,
+    write_summary,
+)
 
 logger = logging.getLogger("cityseg_d2.tune_net")
 
@@ -47,53 +62,55 @@ def build_parser():
     )
     parser.add_argument("--name", default="", help="experiment name (default: the sweep's name or file name)")
     parser.add_argument("--storage", default="output/sweeps", help="where experiments go (shared by all nodes)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the base config")
+    parser.add_argument("opts", nargs="*", default=[], metavar="KEY VALUE", help="overrides of the base config")
     return parser
 
 
+def parse_args(argv=None):
+    """Options and KEY VALUE overrides in any order."""
+    return build_parser().parse_intermixed_args(argv)
+
+
 def prepare(args):
-    """Everything checkable before Ray starts: base config, sweep file, search space and metric."""
+    """Everything checkable before Ray starts (base config, sweep file, search space, metric, a free experiment
+    dir); returns the sweep, the base config and the experiment dir."""
     if args.resume:
         if not (args.name or args.sweep):
             raise ConfigError("--resume needs --name or --sweep to find the experiment")
-        name = args.name or ray_tune.load_sweep(args.sweep).name
-        experiment_dir = ray_tune.experiment_path(args.storage, name)
-        sweep, cfg = ray_tune.load_saved_sweep(experiment_dir)
+        experiment_dir = experiment_path(args.storage, args.name or load_sweep(args.sweep).name)
+        sweep, cfg = load_saved_sweep(experiment_dir)
         logger.info("resuming %s with the sweep and base config saved there", experiment_dir)
-        return sweep, cfg
+        return sweep, cfg, experiment_dir
     if not args.sweep:
         raise ConfigError("no sweep file given: pass --sweep, e.g. configs/sweeps/student_project_space.yaml")
     cfg = prepare_config(args.config_file, args.opts)
-    sweep = ray_tune.load_sweep(args.sweep)
+    sweep = load_sweep(args.sweep)
     if args.name:
         sweep.name = args.name
     if args.num_samples is not None:
         if args.num_samples < 1:
             raise ConfigError(f"--num-samples {args.num_samples}: must be >= 1")
         sweep.num_samples = args.num_samples
-    ray_tune.validate_sweep(sweep, cfg)
-    ray_tune.check_new_experiment(args.storage, sweep.name)
-    return sweep, cfg
+    validate_sweep(sweep, cfg)
+    return sweep, cfg, new_experiment(args.storage, sweep.name)
 
 
 def main(args):
-    sweep, cfg = prepare(args)
-    experiment_dir = ray_tune.experiment_path(args.storage, sweep.name)
-    ray_tune.connect_ray(args.address)
+    sweep, cfg, experiment_dir = prepare(args)
+    connect_ray(args.address)
     if args.resume:
-        results = ray_tune.resume_sweep(experiment_dir)
+        results = resume_sweep(sweep, cfg, experiment_dir)
     else:
-        sweep = ray_tune.resolve_resources(sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial)
-        results = ray_tune.start_sweep(sweep, cfg, args.storage)
-    rows = ray_tune.trial_rows(results, sweep, cfg)
-    ray_tune.write_summary(rows, experiment_dir)
-    print(f"\nSweep {sweep.name}: {len(rows)} trials, best first ({sweep.metric}, {sweep.mode}):")
-    print(ray_tune.format_table(rows))
-    best_config = ray_tune.write_best_config(rows, sweep, cfg, experiment_dir)
+        sweep = resolve_resources(sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial)
+        results = start_sweep(sweep, cfg, experiment_dir)
+    rows = trial_rows(results, sweep, cfg)
+    write_summary(rows, experiment_dir)
+    print_summary(rows, sweep)
+    best_config = write_best_config(rows, sweep, cfg, experiment_dir)
     print(f"\nTable: {experiment_dir}/trials.csv, trials.json\nBest config: {best_config}")
     print(f"Train it: python tools/train_net.py --config-file {best_config}")
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_cli(main, build_parser().parse_args())
+    run_cli(main, parse_args())
