@@ -26,6 +26,7 @@ then every worker from the repository root with the same venv and data paths, ea
 import argparse
 import logging
 
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 import ray
 
 from cityseg_d2.engine import prepare_config

@@ -1,0 +1,46 @@
+"""Ray Tune sweeps over config keys, on top of the engine: every trial trains cityseg_d2's detectron2 Trainer.
+
+- sweep: the sweep file (search space, metric, scheduler, search, budget), checked against the base config;
+- trial: one trial in a Ray actor (its config through prepare_config, reports with checkpoints, restore);
+- runner: joining a Ray cluster, per-trial resources, starting and resuming a sweep;
+- results: the summary from Ray's ResultGrid (trials.csv / trials.json, best_config.yaml).
+
+tools/tune_net.py is the command line.
+"""
+from .results import format_table, print_summary, trial_rows, write_best_config, write_summary
+from .runner import (
+    connect_ray,
+    experiment_path,
+    load_saved_sweep,
+    new_experiment,
+    probe_address,
+    resolve_resources,
+    resume_sweep,
+    start_sweep,
+)
+from .sweep import ParamSpec, Sweep, load_sweep, parse_sweep, validate_sweep
+from .trial import TrialSpec, TuneReportHook, trial_config
+
+__all__ = [
+    "ParamSpec",
+    "Sweep",
+    "TrialSpec",
+    "TuneReportHook",
+    "connect_ray",
+    "experiment_path",
+    "format_table",
+    "load_saved_sweep",
+    "load_sweep",
+    "new_experiment",
+    "parse_sweep",
+    "print_summary",
+    "probe_address",
+    "resolve_resources",
+    "resume_sweep",
+    "start_sweep",
+    "trial_config",
+    "trial_rows",
+    "validate_sweep",
+    "write_best_config",
+    "write_summary",
+]
