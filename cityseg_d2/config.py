@@ -38,6 +38,9 @@ def _add_training_keys(cfg):
     # The periodic evaluation result that picks the best checkpoint ("" = keep no best checkpoint).
     cfg.CITYSEG.BEST_CHECKPOINT_METRIC = "segm/AP"
     cfg.CITYSEG.BEST_CHECKPOINT_MODE = "max"
+    # MODEL.WEIGHTS may be a .pkl (a pickle, which can run code when loaded) from outside detectron2's model zoo
+    # only when this says you trust it (train_net.py: --trust-pickle); .pth files are read weights-only anyway.
+    cfg.CITYSEG.TRUST_PICKLE_WEIGHTS = False
 
 
 def _add_wandb_keys(cfg):
