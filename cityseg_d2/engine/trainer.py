@@ -83,6 +83,10 @@ class Trainer(DefaultTrainer):
                 f"training diverged at iteration {self.iter}: {first_line(e)} Lower SOLVER.BASE_LR, raise "
                 "SOLVER.WARMUP_ITERS or turn on SOLVER.CLIP_GRADIENTS.ENABLED; with random init use GN or BN, not FrozenBN."
             ) from e
+        except BaseException:
+            if self.wandb:  # when an after_train hook raised, PeriodicWriter never closed the W&B writer
+                self.wandb.finish(failed=True)
+            raise
 
     @classmethod
     def evaluate_weights(cls, cfg, resume=False):

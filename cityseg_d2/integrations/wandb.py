@@ -1,17 +1,22 @@
 """Weights & Biases for training runs and Ray Tune trials: one W&B run per training, fed by detectron2's EventStorage.
 
-A trainer (see cityseg_d2.engine.Trainer) wires a WandbSession in three places, on the main process only:
+A trainer (see cityseg_d2.engine.Trainer) wires a WandbSession in four places, on the main process only:
 
     session = WandbSession(cfg)                             # nothing starts yet
-    hooks.insert(0, session)                                # before_train starts the run
+    hooks.insert(0, session)                                # before_train starts (or resumes) the run
     writers.append(session.writer())                        # build_writers: scalars; its close() finishes the run
     hooks[-1:-1] = session.evaluation_hooks(best)           # after EvalHook/BestCheckpointer, before PeriodicWriter
+    except BaseException: session.finish(failed=True)       # around train(): an after_train hook may have raised
 
 When it is on: W&B is on when WANDB.ENABLED is true or $WANDB_PROJECT is set, unless the mode is "disabled".
 WANDB.PROJECT/ENTITY/NAME/GROUP/TAGS/MODE each come from the config when not empty, else from $WANDB_PROJECT,
 $WANDB_ENTITY, $WANDB_NAME, $WANDB_RUN_GROUP, $WANDB_TAGS (comma-separated) or $WANDB_MODE. Without a mode the run is
 online when W&B finds credentials ($WANDB_API_KEY, netrc, `wandb login`) and offline otherwise (`wandb sync` uploads
 it later). A W&B failure (init error or timeout, a failing log call) is a warning: training never stops for W&B.
+
+Resume: the run id is kept in OUTPUT_DIR/wandb_run_id, beside the checkpoints; a training resumed from a checkpoint
+there continues that run (`resume="allow"`) at the checkpoint's iteration. A training that ends in an exception
+finishes its run with exit code 1, which W&B shows as failed.
 """
 import copy
 import functools
@@ -37,7 +42,7 @@ from detectron2.utils.logger import log_first_n
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.analysis import registered_dataset_stats
-from . import WANDB_MODES
+from . import WANDB_RUN_ID_FILE, wandb_mode
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +93,9 @@ def _has_credentials():
 
 
 def _run_options(cfg):
-    """wandb.init's project, entity, name, group, tags and mode; None when W&B is off."""
+    """wandb.init's project, entity, name, group, tags and mode; None when W&B is off. A ConfigError for a bad mode."""
     w = cfg.WANDB
-    mode = _config_or_env(w.MODE, "WANDB_MODE")
-    if mode and mode not in WANDB_MODES:
-        source = "WANDB.MODE" if w.MODE else "$WANDB_MODE"
-        raise ValueError(f"{source} must be one of {', '.join(WANDB_MODES)} or empty, got {mode!r}")
+    mode = wandb_mode(cfg)
     if mode == "disabled" or not (w.ENABLED or os.environ.get("WANDB_PROJECT")):
         return None
     if not mode:
@@ -161,13 +163,13 @@ def _run_config(cfg, extra_config):
     return _public({**config, **(extra_config or {})})
 
 
-def init_wandb_run(cfg, extra_config=None):
+def init_wandb_run(cfg, extra_config=None, run_id=None):
     """Start the W&B run of a training or Ray Tune trial; None off the main process, when W&B is off or fails.
 
     The run config holds the full config (nested) and the git commit; `extra_config` (e.g. a trial's sampled values)
     joins them at the top level. A sweep sets WANDB.GROUP and WANDB.NAME of its trials, so that they form one W&B
-    group. Run files go to $WANDB_DIR, else OUTPUT_DIR. Raises ValueError for a bad WANDB.MODE or clashing
-    extra_config keys (user errors, not W&B's).
+    group. With `run_id` the run of that id is continued (created when W&B has none). Run files go to $WANDB_DIR,
+    else OUTPUT_DIR. Raises ConfigError for a bad mode and ValueError for clashing extra_config keys.
     """
     if not comm.is_main_process():
         return None
@@ -180,6 +182,7 @@ def init_wandb_run(cfg, extra_config=None):
     try:
         run = wandb.init(
             **options,
+            **({"id": run_id, "resume": "allow"} if run_id else {}),
             dir=run_dir,
             config=config,
             reinit="finish_previous",  # a Ray worker may run several trials, one run each
@@ -189,8 +192,9 @@ def init_wandb_run(cfg, extra_config=None):
         logger.warning("W&B init failed, training goes on without W&B: %s: %s", type(e).__name__, _first_line(e))
         return None
     logger.info(
-        "W&B run %s (%s) in project %s%s, files in %s",
+        "W&B run %s %s(%s) in project %s%s, files in %s",
         run.name or run.id,  # offline runs get their name when synced
+        "continued " if run_id else "",
         options["mode"],
         options["project"],
         f", group {options['group']}" if options["group"] else "",
@@ -199,25 +203,55 @@ def init_wandb_run(cfg, extra_config=None):
     return run
 
 
+def read_run_id(output_dir):
+    """The W&B run id kept in `output_dir`, or None."""
+    try:
+        with open(os.path.join(output_dir, WANDB_RUN_ID_FILE)) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 class WandbSession(HookBase):
     """The W&B run of one training, and the writer and hooks that feed it.
 
-    Building it starts nothing: the run starts in before_train (this hook goes first), and the training set's
-    statistics are computed then, only when WANDB.LOG_DATASET_STATS; the writer's close() finishes the run, which
-    PeriodicWriter calls last in after_train. `extra_config` (e.g. a sweep trial's sampled values) joins the run
-    config; `run` is None before training, off the main process, or when W&B failed to start.
+    Building it starts nothing: the run starts in before_train (this hook goes first). A training resumed from a
+    checkpoint (start_iter > 0) continues the run whose id OUTPUT_DIR/wandb_run_id holds; any other training starts a
+    new run and writes its id there. The training set's statistics are computed, only when WANDB.LOG_DATASET_STATS,
+    when a new run starts. The writer's close(), which PeriodicWriter calls last in after_train, finishes the run:
+    failed when training stopped before SOLVER.MAX_ITER. `extra_config` (e.g. a sweep trial's sampled values) joins
+    the run config; `run` is None before training, off the main process, or when W&B failed to start.
     """
 
     def __init__(self, cfg):
         self._cfg = cfg
         self.extra_config = {}
         self.run = None
+        self._finished = False
 
     def before_train(self):
-        self.run = init_wandb_run(self._cfg, extra_config=self.extra_config)
-        if self.run is not None and self._cfg.WANDB.LOG_DATASET_STATS:
+        run_id = read_run_id(self._cfg.OUTPUT_DIR) if self.trainer.start_iter > 0 else None
+        self.run = init_wandb_run(self._cfg, extra_config=self.extra_config, run_id=run_id)
+        if self.run is None:
+            return
+        os.makedirs(self._cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(self._cfg.OUTPUT_DIR, WANDB_RUN_ID_FILE), "w") as f:
+            f.write(self.run.id + "\n")
+        if run_id is None and self._cfg.WANDB.LOG_DATASET_STATS:
             for name in self._cfg.DATASETS.TRAIN:
                 log_dataset_stats(self.run, registered_dataset_stats(name), prefix=f"dataset/{name}")
+
+    def log(self, data, step):
+        """run.log at `step`, except below the step a continued run starts at: W&B would drop it, with a warning."""
+        if self.run is not None and step >= self.run.starting_step:
+            self.run.log(data, step=step)
+
+    @_never_raises("finishing the run")
+    def finish(self, failed):
+        """Finish the run, once: with exit code 1 when `failed`, which W&B shows as a failed run."""
+        if self.run is not None and not self._finished:
+            self._finished = True
+            self.run.finish(exit_code=1 if failed else 0)
 
     def writer(self):
         return WandbWriter(self)
@@ -247,8 +281,7 @@ class WandbWriter(EventWriter):
 
     @_never_raises("logging scalars")
     def write(self):
-        run = self._session.run
-        if run is None:
+        if self._session.run is None:
             return
         by_iteration = defaultdict(dict)
         for key, (value, iteration) in get_event_storage().latest_with_smoothing_hint(self._window_size).items():
@@ -256,20 +289,16 @@ class WandbWriter(EventWriter):
                 by_iteration[iteration][key] = value
                 self._last_iteration[key] = iteration
         for iteration in sorted(by_iteration):  # W&B drops a step lower than one it has seen
-            run.log(by_iteration[iteration], step=iteration)
+            self._session.log(by_iteration[iteration], step=iteration)
 
-    @_never_raises("finishing the run")
     def close(self):
-        if self._session.run is not None:
-            self._session.run.finish()
+        trainer = self._session.trainer
+        self._session.finish(failed=trainer.iter < trainer.max_iter)
 
 
-@_never_raises("logging the per-class table")
-def log_per_class_table(run, results, iteration):
-    """Per-class AP and AP50 of detectron2-style results ({"segm": {"AP-car": .., "AP50-car": ..}}) as a W&B table.
-
-    The scalars themselves reach W&B through WandbWriter (EvalHook puts them in the EventStorage).
-    """
+def per_class_table(results):
+    """Per-class AP and AP50 of detectron2-style results ({"segm": {"AP-car": .., "AP50-car": ..}}) as a W&B table,
+    None without per-class results. The scalars themselves reach W&B through WandbWriter."""
     rows = []
     for task, metrics in results.items():
         if isinstance(metrics, Mapping):
@@ -277,8 +306,7 @@ def log_per_class_table(run, results, iteration):
                 if key.startswith("AP-"):
                     class_name = key[len("AP-") :]
                     rows.append([task, class_name, ap, metrics.get(f"AP50-{class_name}")])
-    if run is not None and rows:
-        run.log({PER_CLASS_KEY: wandb.Table(columns=["task", "class", "AP", "AP50"], data=rows)}, step=iteration)
+    return wandb.Table(columns=["task", "class", "AP", "AP50"], data=rows) if rows else None
 
 
 def _eval_results_at(storage, iteration):
@@ -361,19 +389,20 @@ def _overlay_image(sample, predictions, class_names):
 
 class WandbEvalPanelHook(HookBase):
     """After each evaluation: the per-class AP table, and the first NUM_VIS_IMAGES images of `dataset_name` (the same
-    ones every time) with the model's masks and boxes next to the ground truth, as W&B image overlays.
+    ones every time) with the model's masks and boxes (scores from VIS_SCORE_THRESHOLD up) next to the ground truth,
+    as W&B image overlays.
 
     Runs when EvalHook does (every TEST.EVAL_PERIOD and after the last iteration) and reads its results from the
     EventStorage, so it goes after EvalHook, and before PeriodicWriter, whose after_train finishes the run.
     """
 
-    def __init__(self, session, cfg, dataset_name, score_threshold=0.5):
+    def __init__(self, session, cfg, dataset_name):
         self._session = session
         self._cfg = cfg.clone()
         self._dataset_name = dataset_name
         self._period = cfg.TEST.EVAL_PERIOD
         self._num_images = cfg.WANDB.NUM_VIS_IMAGES
-        self._score_threshold = score_threshold
+        self._score_threshold = cfg.WANDB.VIS_SCORE_THRESHOLD
         self._samples = None  # read at the first evaluation, kept for the next ones
 
     def after_step(self):
@@ -389,9 +418,15 @@ class WandbEvalPanelHook(HookBase):
         if self._session.run is None:
             return
         iteration = self.trainer.storage.iter
-        log_per_class_table(self._session.run, _eval_results_at(self.trainer.storage, iteration), iteration)
+        self._log_per_class_table(iteration)
         if self._num_images > 0:
             self._log_panel(iteration)
+
+    @_never_raises("logging the per-class table")
+    def _log_per_class_table(self, iteration):
+        table = per_class_table(_eval_results_at(self.trainer.storage, iteration))
+        if table is not None:
+            self._session.log({PER_CLASS_KEY: table}, step=iteration)
 
     def _load_samples(self):
         mapper = DatasetMapper(self._cfg, is_train=False)
@@ -432,7 +467,7 @@ class WandbEvalPanelHook(HookBase):
                     images.append(_overlay_image(sample, predictions, class_names))
         finally:
             model.train(was_training)
-        self._session.run.log({PANEL_KEY: images}, step=iteration)
+        self._session.log({PANEL_KEY: images}, step=iteration)
 
 
 @_never_raises("logging a checkpoint artifact")
