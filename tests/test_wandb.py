@@ -388,45 +388,55 @@ def test_train_net_resume_continues_the_same_run_at_later_steps(trained, tmp_pat
     assert [predicted for _, predicted, _ in layers] == [[], []] and any(truth for truth, _, _ in layers)
 
 
-class _Fail(HookBase):
-    def __init__(self, where):
-        self.where = where
+class _Raise(HookBase):
+    def __init__(self, where, error):
+        self.where, self.error = where, error
 
     def after_step(self):
         if self.where == "iteration" and self.trainer.iter == 0:
-            raise RuntimeError("injected failure in iteration 0")
+            raise self.error
 
     def after_train(self):
         if self.where == "after_train":
-            raise RuntimeError("injected failure after training")
+            raise self.error
 
 
-class FailingTrainer(Trainer):
+class RaisingTrainer(Trainer):
     """The Trainer with a hook that raises, placed before PeriodicWriter (the last hook, which closes the writers)."""
 
-    def __init__(self, cfg, where):
-        self.where = where
+    def __init__(self, cfg, where, error):
+        self.raising = _Raise(where, error)
         super().__init__(cfg)
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        hooks.insert(-1, _Fail(self.where))
+        hooks.insert(-1, self.raising)
         return hooks
 
 
-@pytest.mark.parametrize("where", ["iteration", "after_train"])
-def test_a_training_that_raises_is_a_failed_run_and_a_new_training_a_new_run(where, tmp_path, wandb_env, datasets):
+@pytest.mark.parametrize(
+    "where, error, state",
+    [
+        pytest.param("iteration", RuntimeError("injected"), ("failed", 1), id="error-in-an-iteration"),
+        pytest.param("after_train", RuntimeError("injected"), ("failed", 1), id="error-after-training"),
+        # How Ray Tune stops a trial early: sys.exit(0), a requested stop.
+        pytest.param("iteration", SystemExit(0), ("finished", 0), id="requested-exit"),
+    ],
+)
+def test_a_training_that_raises_is_a_failed_run_and_a_new_training_a_new_run(
+    where, error, state, tmp_path, wandb_env, datasets
+):
     cfg = tiny_cfg(tmp_path / "output", *SHORT)
     os.makedirs(cfg.OUTPUT_DIR)
     with open(os.path.join(cfg.OUTPUT_DIR, WANDB_RUN_ID_FILE), "w") as f:
         f.write("earlier\n")  # an earlier training's run: one that does not resume starts its own
-    trainer = FailingTrainer(cfg, where)
-    with pytest.raises(RuntimeError, match="injected failure"):
+    trainer = RaisingTrainer(cfg, where, error)
+    with pytest.raises(type(error)):
         train(trainer)
     assert trainer.iter == (0 if where == "iteration" else 2)
     run_id = _run_id(cfg.OUTPUT_DIR)
     (run,) = OfflineRun.all(wandb_env, run_id)
-    assert run_id != "earlier" and (run.state, run.exit_code) == ("failed", 1)
+    assert run_id != "earlier" and (run.state, run.exit_code) == state
 
 
 def test_wandb_failures_while_training_are_warnings_once(tmp_path, wandb_env, datasets, monkeypatch, caplog, stats_spy):

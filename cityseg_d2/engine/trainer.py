@@ -83,9 +83,9 @@ class Trainer(DefaultTrainer):
                 f"training diverged at iteration {self.iter}: {first_line(e)} Lower SOLVER.BASE_LR, raise "
                 "SOLVER.WARMUP_ITERS or turn on SOLVER.CLIP_GRADIENTS.ENABLED; with random init use GN or BN, not FrozenBN."
             ) from e
-        except BaseException:
+        except BaseException as e:
             if self.wandb:  # when an after_train hook raised, PeriodicWriter never closed the W&B writer
-                self.wandb.finish(failed=True)
+                self.wandb.finish(error=e)
             raise
 
     @classmethod

@@ -6,7 +6,7 @@ A trainer (see cityseg_d2.engine.Trainer) wires a WandbSession in four places, o
     hooks.insert(0, session)                                # before_train starts (or resumes) the run
     writers.append(session.writer())                        # build_writers: scalars; its close() finishes the run
     hooks[-1:-1] = session.evaluation_hooks(best)           # after EvalHook/BestCheckpointer, before PeriodicWriter
-    except BaseException: session.finish(failed=True)       # around train(): an after_train hook may have raised
+    except BaseException as e: session.finish(error=e)      # around train(): an after_train hook may have raised
 
 When it is on: W&B is on when WANDB.ENABLED is true or $WANDB_PROJECT is set, unless the mode is "disabled".
 WANDB.PROJECT/ENTITY/NAME/GROUP/TAGS/MODE each come from the config when not empty, else from $WANDB_PROJECT,
@@ -16,7 +16,8 @@ it later). A W&B failure (init error or timeout, a failing log call) is a warnin
 
 Resume: the run id is kept in OUTPUT_DIR/wandb_run_id, beside the checkpoints; a training resumed from a checkpoint
 there continues that run (`resume="allow"`) at the checkpoint's iteration. A training that ends in an exception
-finishes its run with exit code 1, which W&B shows as failed.
+finishes its run with exit code 1, which W&B shows as failed; a requested exit (SystemExit with code 0 or None, as
+Ray Tune stops a trial early) finishes it normally.
 """
 import copy
 import functools
@@ -24,6 +25,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -219,7 +221,7 @@ class WandbSession(HookBase):
     checkpoint (start_iter > 0) continues the run whose id OUTPUT_DIR/wandb_run_id holds; any other training starts a
     new run and writes its id there. The training set's statistics are computed, only when WANDB.LOG_DATASET_STATS,
     when a new run starts. The writer's close(), which PeriodicWriter calls last in after_train, finishes the run:
-    failed when training stopped before SOLVER.MAX_ITER. `extra_config` (e.g. a sweep trial's sampled values) joins
+    failed when an exception stopped training before SOLVER.MAX_ITER. `extra_config` (e.g. a sweep trial's sampled values) joins
     the run config; `run` is None before training, off the main process, or when W&B failed to start.
     """
 
@@ -247,10 +249,12 @@ class WandbSession(HookBase):
             self.run.log(data, step=step)
 
     @_never_raises("finishing the run")
-    def finish(self, failed):
-        """Finish the run, once: with exit code 1 when `failed`, which W&B shows as a failed run."""
+    def finish(self, error=None):
+        """Finish the run, once. A training that ended in `error` is a failed run (exit code 1), unless `error` is a
+        SystemExit with code 0 or None: a requested stop (Ray Tune stops a trial with sys.exit(0))."""
         if self.run is not None and not self._finished:
             self._finished = True
+            failed = error is not None and not (isinstance(error, SystemExit) and error.code in (0, None))
             self.run.finish(exit_code=1 if failed else 0)
 
     def writer(self):
@@ -293,7 +297,12 @@ class WandbWriter(EventWriter):
 
     def close(self):
         trainer = self._session.trainer
-        self._session.finish(failed=trainer.iter < trainer.max_iter)
+        if trainer.iter >= trainer.max_iter:
+            self._session.finish()
+        else:
+            # PeriodicWriter closes its writers in after_train, which TrainerBase.train calls from a `finally`
+            # block: the exception that left the training loop early is the one being handled.
+            self._session.finish(error=sys.exc_info()[1] or RuntimeError("training stopped early"))
 
 
 def per_class_table(results):
