@@ -1,7 +1,9 @@
-"""The on-disk cache of parsed dicts: hit, miss, and rebuild when a file, an option or the version changes."""
+"""The on-disk cache of parsed dicts: hit, miss, and rebuild when a file, an option or the version changes; a
+planted file is data, never code."""
 import glob
 import json
 import os
+import pickle
 import shutil
 
 import pytest
@@ -34,7 +36,7 @@ def parses(monkeypatch, tmp_path):
 
 def test_second_load_is_a_hit_with_equal_dicts(root, parses):
     first = load_cityscapes_instances(root, "val")
-    assert parses == [4] and len(glob.glob(os.path.join(cache_dir(), "*.pkl"))) == 1
+    assert parses == [4] and len(glob.glob(os.path.join(cache_dir(), "*.json"))) == 1
     assert load_cityscapes_instances(root, "val") == first
     assert parses == [4]
 
@@ -76,11 +78,37 @@ def test_options_and_package_version_are_part_of_the_key(root, parses, monkeypat
 
 def test_corrupt_cache_file_is_rebuilt_and_cache_false_writes_nothing(root, parses, caplog):
     expected = load_cityscapes_instances(root, "val")
-    (cache_file,) = glob.glob(os.path.join(cache_dir(), "*.pkl"))
+    (cache_file,) = glob.glob(os.path.join(cache_dir(), "*.json"))
     with open(cache_file, "wb") as f:
-        f.write(b"not a pickle")
+        f.write(b"not JSON")
     assert load_cityscapes_instances(root, "val") == expected
     assert "Ignoring unreadable cache file" in caplog.text and parses == [4, 4]
     os.remove(cache_file)
     assert load_cityscapes_instances(root, "val", cache=False) == expected
     assert not glob.glob(os.path.join(cache_dir(), "*"))
+
+
+class _RunsCode:
+    """Unpickling this runs `touch marker`: what a malicious cache file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_is_never_unpickled(root, parses, tmp_path, caplog):
+    expected = load_cityscapes_instances(root, "val")
+    (cache_file,) = glob.glob(os.path.join(cache_dir(), "*.json"))
+    marker = tmp_path / "code_ran"
+    payload = pickle.dumps(_RunsCode(marker))
+    pickle.loads(payload)  # the payload works: it runs its command when unpickled
+    assert marker.exists()
+    marker.unlink()
+    for planted in (cache_file, cache_file[: -len(".json")] + ".pkl"):  # the file itself, and the old format's name
+        with open(planted, "wb") as f:
+            f.write(payload)
+    assert load_cityscapes_instances(root, "val") == expected
+    assert not marker.exists()
+    assert "Ignoring unreadable cache file" in caplog.text and parses == [4, 4]

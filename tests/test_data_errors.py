@@ -80,6 +80,14 @@ def test_corrupt_image_png(root):
     assert _error(root) == f"{image}: corrupt PNG (no PNG signature or IHDR header)"
 
 
+def test_truncated_image_with_a_valid_header_is_named(root):
+    image = _first(root, "*_leftImg8bit.png")
+    size = os.path.getsize(image)
+    with open(image, "r+b") as f:
+        f.truncate(size // 2)  # header and size intact: only reading the whole file finds it
+    assert _error(root) == f"{image}: corrupt or truncated image (Truncated File Read): copy or extract it again"
+
+
 def test_corrupt_instance_ids_png(root):
     png = _first(root, "*_gtFine_instanceIds.png")
     with open(png, "r+b") as f:

@@ -4,6 +4,7 @@ Does not use detectron2.data.datasets.cityscapes (broken on upstream main). Comp
 follows cityscapesscripts' own drawing rules exactly (the `deleted` flag's value, labels with id < 0 not drawn),
 keeps occlusion holes (detectron2 drops them), checks the files and says which one is bad, and caches the result.
 """
+import functools
 import json
 import logging
 import multiprocessing
@@ -19,8 +20,10 @@ import numpy as np
 import pycocotools.mask as mask_util
 import shapely
 from detectron2.structures import BoxMode
+from PIL import Image
+from tqdm import tqdm
 
-from ..errors import CityscapesDataError
+from ..errors import CityscapesDataError, first_line
 from .cache import load_or_build
 from .classes import class_set_labels, resolve_label
 
@@ -144,6 +147,19 @@ def png_size(path):
     if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
         raise CityscapesDataError(f"{path}: corrupt PNG (no PNG signature or IHDR header)")
     return struct.unpack(">II", head[16:24])
+
+
+def check_image(path):
+    """Read the whole image file and check it (PIL, as detectron2 reads images): a truncated or corrupt image is
+    named here, before training, instead of failing a data-loader worker hours into it."""
+    try:
+        with Image.open(path) as image:
+            image.verify()  # every chunk read and its checksum checked, without decoding the pixels
+    except OSError as e:
+        reason = e.strerror or first_line(e)
+        raise CityscapesDataError(f"{path}: corrupt or truncated image ({reason}): copy or extract it again") from e
+    except (SyntaxError, ValueError) as e:  # what PIL raises on a bad chunk
+        raise CityscapesDataError(f"{path}: corrupt image ({first_line(e)}): copy or extract it again") from e
 
 
 def _check_size(image_file, width, height, source):
@@ -298,7 +314,7 @@ def _annotations_from_instance_ids(png_file, image_file, category_ids):
 
 
 def image_dict(image, class_set="cityscapes8", mask_source="polygons"):
-    """(detectron2 dict, Counter of skipped objects by reason) of one image."""
+    """(detectron2 dict, Counter of skipped objects by reason) of one image, whose file is checked whole."""
     category_ids = {label.id: i for i, label in enumerate(class_set_labels(class_set))}
     issues = Counter()
     if image.gt_file is None:
@@ -307,6 +323,7 @@ def image_dict(image, class_set="cityscapes8", mask_source="polygons"):
         width, height, annotations = _annotations_from_polygons(image.gt_file, image.image_file, category_ids, issues)
     else:
         width, height, annotations = _annotations_from_instance_ids(image.gt_file, image.image_file, category_ids)
+    check_image(image.image_file)
     record = {
         "file_name": image.image_file,
         "image_id": image.image_id,
@@ -322,15 +339,17 @@ def _image_dict_star(args):
 
 
 def parse_images(images, class_set="cityscapes8", mask_source="polygons", workers=None):
-    """Dicts of the images, in parallel processes for large sets; logs one warning per kind of skipped object."""
+    """Dicts of the images, each image file checked whole, in parallel processes for large sets, with a progress bar
+    on a terminal; logs one warning per kind of skipped object."""
     if workers is None:  # daemonic processes (e.g. DataLoader workers) cannot start a pool
         workers = 1 if multiprocessing.current_process().daemon else min(os.cpu_count() or 1, 8)
     jobs = [(image, class_set, mask_source) for image in images]
+    progress = functools.partial(tqdm, total=len(jobs), desc="checking images, reading annotations", unit="img", disable=None)
     if workers > 1 and len(jobs) >= _PARALLEL_MIN_IMAGES:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_image_dict_star, jobs, chunksize=16))
+            results = list(progress(pool.map(_image_dict_star, jobs, chunksize=16)))
     else:
-        results = [_image_dict_star(job) for job in jobs]
+        results = [_image_dict_star(job) for job in progress(jobs)]
     issues, first_file = Counter(), {}
     for image, (_, image_issues) in zip(images, results):
         issues.update(image_issues)
