@@ -18,6 +18,7 @@ from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.structures import Instances
 
 from cityseg_d2.config import get_cityseg_cfg
+from cityseg_d2.errors import UserError
 from cityseg_d2.data import gt_instance_ids_path, register_cityscapes_instances
 from cityseg_d2.data.synthetic import make_synthetic_cityscapes
 from cityseg_d2.evaluation import (
@@ -25,11 +26,16 @@ from cityseg_d2.evaluation import (
     FastCityscapesInstanceEvaluator,
     build_evaluator,
 )
+from cityseg_d2.evaluation import protocol
 from cityseg_d2.evaluation.build import EVALUATORS, reported_metrics
+from cityseg_d2.evaluation.ground_truth import CACHE_DIR, GroundTruthCache, GroundTruthRegions
+from cityseg_d2.evaluation.predictions_file import PREDICTIONS_FILE, PredictionsFile
 from cityseg_d2.evaluation.protocol import (
     IOU_THRESHOLDS,
     MIN_REGION_SIZE,
     EvaluatedClasses,
+    intersections_by_runs,
+    intersections_in_boxes,
     read_gt_instance_ids,
 )
 from cityseg_d2.evaluation.official_cityscapes import RESULTS_FILE
@@ -337,3 +343,91 @@ def test_a_missing_ground_truth_file_is_named(tmp_path):
     os.remove(missing)
     with pytest.raises(FileNotFoundError, match=f"{missing} not found"):
         _evaluate(FastCityscapesInstanceEvaluator(name), dicts, [{"instances": _instances(gt.shape, [], [], [])}])
+
+
+def _region_index(gt):
+    return np.unique(gt, return_inverse=True)[1].reshape(gt.shape)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**26, 3 * 384 * 192 + 1])
+def test_overlap_counts_in_boxes_and_by_runs_equal_a_plain_count(chunk_elements, sweep_dataset, monkeypatch):
+    name = sweep_dataset("cityscapes8")
+    classes = EvaluatedClasses.of_dataset(name)
+    gt = _ground_truths(name)[1]
+    instances = perturbed_predictions(gt, classes, "mixed", np.random.default_rng(0), 1, num_predictions=12)
+    masks = instances.pred_masks.numpy()
+    masks[0] = False  # an empty mask
+    regions = GroundTruthRegions.from_instance_ids(gt)
+    index = _region_index(gt)
+    expected = np.stack([np.bincount(index[m], minlength=len(regions.region_ids)) for m in masks])
+    assert np.array_equal(regions.region_map(), index)
+    assert np.array_equal(intersections_in_boxes(masks, regions.region_map(), len(regions.region_ids)), expected)
+    # The model's boxes only hint: a right one, one too small, one elsewhere, one not finite.
+    boxes = instances.pred_boxes.tensor.numpy().copy()
+    boxes[2] = boxes[2] + [4, 4, -4, -4]
+    boxes[3] = [0, 0, 1, 1]
+    boxes[4] = [np.nan, 0, np.inf, 5]
+    hinted = intersections_in_boxes(masks, regions.region_map(), len(regions.region_ids), boxes)
+    assert np.array_equal(hinted, expected)
+    monkeypatch.setattr(protocol, "_RUNS_CHUNK_ELEMENTS", chunk_elements)  # several chunks of 3 masks, or one
+    assert np.array_equal(intersections_by_runs(torch.from_numpy(masks), regions), expected)
+
+
+def test_ground_truth_cache_decodes_each_png_once_and_notices_a_change(sweep_dataset, tmp_path, caplog):
+    name = sweep_dataset("cityscapes8")
+    source = gt_instance_ids_path(DatasetCatalog.get(name)[0], MetadataCatalog.get(name))
+    gt_path = tmp_path / os.path.basename(source)
+    gt = read_gt_instance_ids(source)
+    cv2.imwrite(str(gt_path), gt)
+    cache = GroundTruthCache(str(tmp_path / "cache"))
+    cold = cache.load(str(gt_path))
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    written = cache_file.stat().st_mtime_ns
+    warm = cache.load(str(gt_path))
+    assert cache_file.stat().st_mtime_ns == written  # read, not rebuilt
+    for regions in (cold, warm):
+        assert np.array_equal(regions.region_ids, np.unique(gt))
+        assert np.array_equal(regions.region_map(), _region_index(gt))
+        assert regions.region_areas.sum() == gt.size
+    changed = gt.copy()
+    changed[:10, :10] = 26099
+    cv2.imwrite(str(gt_path), changed)
+    os.utime(gt_path, ns=(written + 10**9, written + 10**9))
+    assert 26099 in cache.load(str(gt_path)).region_ids
+    cache_file.write_bytes(b"not a zip file")
+    assert np.array_equal(cache.load(str(gt_path)).region_map(), _region_index(changed))
+    assert "rebuilding the unreadable ground-truth cache file" in caplog.text
+    with pytest.raises(FileNotFoundError, match="missing.png not found"):
+        cache.load(str(tmp_path / "missing.png"))
+
+
+def test_fast_evaluator_with_a_ground_truth_cache_and_saved_predictions(sweep_dataset, tmp_path):
+    name = sweep_dataset("cityscapes8")
+    dicts, outputs = DatasetCatalog.get(name), _outputs(name, "mixed", 2)
+    official = _evaluate(CityscapesInstanceEvaluator(name), dicts, outputs)["segm"]
+    cold = FastCityscapesInstanceEvaluator(name, str(tmp_path), save_predictions=True)
+    _assert_same(official, _evaluate(cold, dicts, outputs)["segm"])
+    assert len(os.listdir(tmp_path / CACHE_DIR)) == len(dicts)
+    _assert_same(official, _evaluate(FastCityscapesInstanceEvaluator(name, str(tmp_path)), dicts, outputs)["segm"])
+    saved = PredictionsFile.load(str(tmp_path / PREDICTIONS_FILE))
+    assert (saved.dataset, saved.class_names) == (name, EvaluatedClasses.of_dataset(name).names)
+    assert [image.image_id for image in saved.images] == [d["image_id"] for d in dicts]
+    for image, output in zip(saved.images, outputs):
+        decoded, instances = image.decode(), output["instances"]
+        assert np.array_equal(decoded.masks, instances.pred_masks.numpy())
+        assert np.array_equal(decoded.scores, instances.scores.numpy().astype(np.float64))
+        assert np.array_equal(decoded.classes, instances.pred_classes.numpy())
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "not found"), (b"garbage", "not a readable .npz"), ({"scores": np.zeros(2)}, "no 'format' array")],
+)
+def test_a_bad_predictions_file_is_one_clear_error(content, message, tmp_path):
+    path = tmp_path / "predictions.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        np.savez(path, **content)
+    with pytest.raises(UserError, match=f"predictions file {path} .*{message}"):
+        PredictionsFile.load(str(path))

@@ -3,6 +3,7 @@ and predictions, and reporting detectron2-style results.
 """
 
 import logging
+import os
 import warnings
 from collections import OrderedDict
 
@@ -14,7 +15,8 @@ from tabulate import tabulate
 
 from cityseg_d2.data import gt_instance_ids_path
 
-from .protocol import EvaluatedClasses, ImageOverlaps, ImagePredictions, read_gt_instance_ids
+from .ground_truth import CACHE_DIR, GroundTruthCache, GroundTruthRegions
+from .protocol import EvaluatedClasses, ImageOverlaps, ImagePredictions
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +44,38 @@ def segm_results(class_aps, class_ap50s, mean_ap, mean_ap50, matterport_aps, cla
     rows = [(name, segm[f"AP-{name}"], segm[f"AP50-{name}"]) for name in classes.names]
     rows.append(("average", segm["AP"], segm["AP50"]))
     table = tabulate(rows, headers=["class", "AP", "AP50"], tablefmt="pipe", floatfmt=".3f", numalign="left")
-    logger.info(f"{title}:\n{table}\nmatterport_AP50 (mean per-image AP@0.5 of the student project, Matterport's compute_ap): {segm['matterport_AP50']:.3f}")
+    logger.info(
+        f"{title}:\n{table}\nmatterport_AP50 (mean per-image AP@0.5 of the student project, Matterport's "
+        f"compute_ap): {segm['matterport_AP50']:.3f}"
+    )
     return OrderedDict(segm=segm)
 
 
 class CityscapesEvaluatorBase(DatasetEvaluator):
-    """Reads each processed image's ground truth and predictions; both Cityscapes evaluators build on it."""
+    """Reads each processed image's ground truth and predictions; both Cityscapes evaluators build on it.
 
-    def __init__(self, dataset_name):
+    With an output_dir and cache_ground_truth, each image's ground truth is decoded once and kept in
+    output_dir/cityscapes_gt_regions (see ground_truth.GroundTruthCache), so later evaluations skip the PNGs.
+    """
+
+    def __init__(self, dataset_name, output_dir=None, cache_ground_truth=True):
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
         self._classes = EvaluatedClasses.of_dataset(dataset_name)
+        self._output_dir = output_dir
+        use_cache = output_dir and cache_ground_truth
+        self._gt_cache = GroundTruthCache(os.path.join(output_dir, CACHE_DIR)) if use_cache else None
 
-    def _images(self, inputs, outputs):
-        """(dataset dict, ground-truth path, ImagePredictions, ImageOverlaps) of each processed image."""
+    def _images(self, inputs, outputs, on_host=True):
+        """(dataset dict, ground-truth path, ImagePredictions, ImageOverlaps) of each processed image; with
+        on_host=False the masks stay where the model put them (see ImagePredictions)."""
         for inputs_of_image, output in zip(inputs, outputs):
             gt_path = gt_instance_ids_path(inputs_of_image, self._metadata)
-            gt_ids = read_gt_instance_ids(gt_path)
+            regions = self._gt_cache.load(gt_path) if self._gt_cache else GroundTruthRegions.read(gt_path)
             predictions = ImagePredictions.from_output(
-                output, inputs_of_image["image_id"], gt_ids.shape, gt_path, len(self._classes.names)
+                output, inputs_of_image["image_id"], regions.shape, gt_path, len(self._classes.names), on_host
             )
-            yield inputs_of_image, gt_path, predictions, ImageOverlaps.compute(gt_ids, predictions.masks)
+            yield inputs_of_image, gt_path, predictions, ImageOverlaps.compute(regions, predictions)
 
     def _warn_if_empty(self, num_images, num_predictions):
         if num_images == 0:

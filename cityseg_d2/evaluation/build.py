@@ -3,6 +3,7 @@
 What an evaluator reports is declared here, next to how it is built, so that whatever reads a metric by name
 (the best checkpoint, a sweep's metric) is checked against this one list before training starts.
 """
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,10 +21,10 @@ COCO_CLASS_METRICS = ("AP",)
 
 @dataclass(frozen=True)
 class EvaluatorSpec:
-    """How to build one evaluator (from a dataset name and an output folder) and the results it reports:
-    {task: {metric: value}}, with `metrics` for the whole set and `class_metrics` as "<metric>-<class>"."""
+    """How to build one evaluator (from the config, a dataset name and an output folder) and the results it
+    reports: {task: {metric: value}}, with `metrics` for the whole set and `class_metrics` as "<metric>-<class>"."""
 
-    build: Callable[[str, str], DatasetEvaluator]
+    build: Callable[[object, str, str], DatasetEvaluator]
     tasks: tuple
     metrics: tuple
     class_metrics: tuple
@@ -31,20 +32,27 @@ class EvaluatorSpec:
 
 EVALUATORS = {
     "cityscapes": EvaluatorSpec(
-        lambda dataset_name, output_dir: CityscapesInstanceEvaluator(dataset_name, output_dir),
+        lambda cfg, dataset_name, output_dir: CityscapesInstanceEvaluator(
+            dataset_name, output_dir, cache_ground_truth=cfg.TEST.CITYSCAPES.CACHE_GROUND_TRUTH
+        ),
         ("segm",),
         CITYSCAPES_METRICS,
         CITYSCAPES_CLASS_METRICS,
     ),
     "cityscapes_fast": EvaluatorSpec(
-        lambda dataset_name, output_dir: FastCityscapesInstanceEvaluator(dataset_name),
+        lambda cfg, dataset_name, output_dir: FastCityscapesInstanceEvaluator(
+            dataset_name,
+            output_dir,
+            cache_ground_truth=cfg.TEST.CITYSCAPES.CACHE_GROUND_TRUTH,
+            save_predictions=cfg.TEST.CITYSCAPES.SAVE_PREDICTIONS,
+        ),
         ("segm",),
         CITYSCAPES_METRICS,
         CITYSCAPES_CLASS_METRICS,
     ),
     # detectron2 converts our dataset dicts to a COCO json in output_dir; never reuse one of another subset.
     "coco": EvaluatorSpec(
-        lambda dataset_name, output_dir: COCOEvaluator(
+        lambda cfg, dataset_name, output_dir: COCOEvaluator(
             dataset_name, tasks=("bbox", "segm"), output_dir=output_dir, allow_cached_coco=False
         ),
         ("bbox", "segm"),
@@ -113,7 +121,7 @@ def build_evaluator(cfg, dataset_name, output_dir=None):
     names = check_evaluator_names(cfg.TEST.EVALUATORS)
     evaluators = []
     for position, name in enumerate(names):
-        evaluator = EVALUATORS[name].build(dataset_name, output_dir)
+        evaluator = EVALUATORS[name].build(cfg, dataset_name, output_dir)
         prefix = result_prefix(position, name)
         evaluators.append(_PrefixedResults(prefix, evaluator) if prefix else evaluator)
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)

@@ -109,9 +109,8 @@ class CityscapesInstanceEvaluator(CityscapesEvaluatorBase):
     "AP-<class>", "AP50-<class>", "matterport_AP50"}} in percent. Single machine only (the folder is shared on disk).
     """
 
-    def __init__(self, dataset_name, output_dir=None):
-        super().__init__(dataset_name)
-        self._output_dir = output_dir
+    def __init__(self, dataset_name, output_dir=None, cache_ground_truth=True):
+        super().__init__(dataset_name, output_dir, cache_ground_truth)
         self._temp_dir = None
 
     def reset(self):

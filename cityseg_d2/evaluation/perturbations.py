@@ -41,7 +41,7 @@ def _morph(mask, rng, op):
     return op(mask.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool)
 
 
-def perturbed_predictions(gt_ids, classes, perturbation, rng, image_index=0, min_predictions=0):
+def perturbed_predictions(gt_ids, classes, perturbation, rng, image_index=0, num_predictions=0):
     """detectron2 Instances (pred_masks, pred_boxes, scores, pred_classes) from an instanceIds array.
 
     Args:
@@ -50,8 +50,9 @@ def perturbed_predictions(gt_ids, classes, perturbation, rng, image_index=0, min
         perturbation: one of PERTURBATIONS.
         rng: numpy Generator (the only source of randomness).
         image_index: position of the image in the dataset ("no_predictions" empties the even ones).
-        min_predictions: add low-scoring false-positive blobs up to this many predictions, like the long tail
-            of a detector's output (Mask R-CNN keeps up to TEST.DETECTIONS_PER_IMAGE = 100 above score 0.05).
+        num_predictions: 0, or exactly this many predictions, like a detector's output (Mask R-CNN keeps the
+            TEST.DETECTIONS_PER_IMAGE = 100 best above score 0.05): the highest-scoring ones, padded with
+            low-scoring false-positive blobs (its long tail; also on an image "no_predictions" empties).
     """
     if perturbation not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {PERTURBATIONS}")
@@ -108,12 +109,15 @@ def perturbed_predictions(gt_ids, classes, perturbation, rng, image_index=0, min
         scores = rng.permutation(scores)
     if perturbation == "tied_scores" or every:
         scores = rng.choice([0.25, 0.5, 0.75], len(masks))
-    tail = max(0, min_predictions - len(masks))
-    masks += [_blob(shape, rng, max(shape) // 8) for _ in range(tail)]
-    labels += [int(c) for c in rng.integers(0, num_classes, tail)]
-    scores = np.concatenate([scores, rng.uniform(0.05, 0.3, tail)])
     if (perturbation == "no_predictions" or every) and image_index % 2 == 0:
         masks, labels, scores = [], [], scores[:0]
+    if num_predictions:
+        best = np.argsort(-scores, kind="stable")[:num_predictions]
+        masks, labels, scores = [masks[i] for i in best], [labels[i] for i in best], scores[best]
+        tail = num_predictions - len(masks)
+        masks += [_blob(shape, rng, max(shape) // 8) for _ in range(tail)]
+        labels += [int(c) for c in rng.integers(0, num_classes, tail)]
+        scores = np.concatenate([scores, rng.uniform(0.05, 0.3, tail)])
     instances = Instances(shape)
     pred_masks = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, *shape), dtype=torch.bool)
     instances.pred_masks = pred_masks

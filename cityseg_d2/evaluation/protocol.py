@@ -70,32 +70,122 @@ def read_gt_instance_ids(path):
 
 @dataclass
 class ImagePredictions:
-    """Predicted instances of one image as numpy: (N, H, W) bool masks, float64 scores, int64 classes."""
+    """Predicted instances of one image: (N, H, W) bool masks, float64 scores and int64 classes as numpy, and
+    optionally the (N, 4) XYXY boxes the model gave, which the CPU overlap count takes as a hint.
+
+    `masks` may instead be a torch tensor on the device the model left it on (from_output with on_host=False):
+    the fast evaluator reduces the masks there, so that full masks never cross to the host.
+    """
 
     masks: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    boxes: np.ndarray = None
 
     @classmethod
-    def from_output(cls, output, image_id, gt_shape, gt_path, num_classes):
+    def from_output(cls, output, image_id, gt_shape, gt_path, num_classes, on_host=True):
         if "instances" not in output:
             raise ValueError(f"model output of image {image_id} has no 'instances'")
-        instances = output["instances"].to(torch.device("cpu"))
+        instances = output["instances"]
         if len(instances) == 0:
             return cls(np.zeros((0, *gt_shape), bool), np.zeros(0), np.zeros(0, np.int64))
         if not instances.has("pred_masks"):
             raise ValueError(f"predictions of image {image_id} have no pred_masks; instance evaluation needs masks")
-        masks = instances.pred_masks.numpy()
-        if masks.shape[1:] != tuple(gt_shape):
+        masks = instances.pred_masks
+        if tuple(masks.shape[1:]) != tuple(gt_shape):
             raise ValueError(
                 f"predicted masks of image {image_id} are {masks.shape[1]}x{masks.shape[2]} (HxW) but its ground "
                 f"truth {gt_path} is {gt_shape[0]}x{gt_shape[1]}"
             )
-        classes = instances.pred_classes.numpy().astype(np.int64)
+        classes = instances.pred_classes.cpu().numpy().astype(np.int64)
         if classes.min() < 0 or classes.max() >= num_classes:
             raise ValueError(f"image {image_id} has predicted classes outside 0..{num_classes - 1}")
-        masks = masks if masks.dtype == bool else masks >= 0.5
-        return cls(masks, instances.scores.numpy().astype(np.float64), classes)
+        masks = masks if masks.dtype == torch.bool else masks >= 0.5
+        if on_host or masks.device.type == "cpu":
+            masks = masks.cpu().numpy()
+        boxes = instances.pred_boxes.tensor.cpu().numpy() if instances.has("pred_boxes") else None
+        return cls(masks, instances.scores.cpu().numpy().astype(np.float64), classes, boxes)
+
+
+def mask_bounding_box(mask):
+    """Row and column slices of the smallest box holding a mask's pixels (a non-empty (H, W) uint8 mask)."""
+    ys = np.flatnonzero(mask.max(axis=1))
+    rows = slice(ys[0], ys[-1] + 1)
+    xs = np.flatnonzero(mask[rows].max(axis=0))
+    return rows, slice(xs[0], xs[-1] + 1)
+
+
+def _hinted_box(box, shape):
+    """A model's XYXY box as row and column slices, one pixel wider on each side, clipped; None if not finite."""
+    if not np.all(np.isfinite(box)):
+        return None
+    x0, y0, x1, y1 = (int(v) for v in (np.floor(box[0]), np.floor(box[1]), np.ceil(box[2]), np.ceil(box[3])))
+    return slice(max(y0 - 1, 0), min(y1 + 1, shape[0])), slice(max(x0 - 1, 0), min(x1 + 1, shape[1]))
+
+
+def _masked_histogram(region_map, mask, box, num_regions):
+    # OpenCV's masked histogram; its float32 counts are exact below 2**24 pixels.
+    counts = cv2.calcHist([region_map[box]], [0], mask[box], [num_regions], [0, num_regions])
+    return counts.ravel().astype(np.int64)
+
+
+def intersections_in_boxes(masks, region_map, num_regions, boxes=None):
+    """(N, M) pixels of each mask in each region, counted inside a box around each mask (on the CPU).
+
+    A mask's box is the model's box (`boxes`, XYXY, grown by a pixel) when the pixels counted in it are all the
+    mask's pixels, else its exact bounding box: the hint saves a second pass over the mask, never exactness.
+
+    Args:
+        masks: (N, H, W) bool numpy array.
+        region_map: (H, W) uint8 or uint16 region index of every pixel.
+        boxes: optional (N, 4) XYXY boxes, e.g. the model's pred_boxes.
+    """
+    intersections = np.zeros((len(masks), num_regions), np.int64)
+    for i, mask in enumerate(np.ascontiguousarray(masks).view(np.uint8)):
+        area = cv2.countNonZero(mask)
+        if area == 0:
+            continue
+        box = None if boxes is None else _hinted_box(boxes[i], mask.shape)
+        if box is not None:
+            intersections[i] = _masked_histogram(region_map, mask, box, num_regions)
+            if intersections[i].sum() == area:
+                continue
+        intersections[i] = _masked_histogram(region_map, mask, mask_bounding_box(mask), num_regions)
+    return intersections
+
+
+# Elements of the int32 running sums intersections_by_runs holds at once (256 MB).
+_RUNS_CHUNK_ELEMENTS = 2**26
+
+
+def intersections_by_runs(masks, regions):
+    """(N, M) pixels of each mask in each region (numpy), reduced on the masks' device (for masks on a GPU).
+
+    A running sum of each mask in raster order, read at the starts and ends of the ground truth's runs, gives
+    each run's pixels; the runs, ordered by region, are then summed per region: exact integer arithmetic, no
+    atomics, and only the (N, M) counts leave the device.
+    """
+    n, height, width = masks.shape
+    size, num_regions = height * width, len(regions.region_ids)
+    if n == 0:
+        return np.zeros((0, num_regions), np.int64)
+    device = masks.device
+    order = np.argsort(regions.run_regions, kind="stable")
+    ends = np.append(regions.run_starts[1:], size).astype(np.int64)
+    run_ends = torch.as_tensor(ends[order] - 1, device=device)
+    run_starts = torch.as_tensor(regions.run_starts[order].astype(np.int64), device=device)
+    # Runs per region, in that order; a region always has at least one run.
+    last_run = torch.as_tensor(np.cumsum(np.bincount(regions.run_regions, minlength=num_regions)) - 1, device=device)
+    flat = masks.reshape(n, size)
+    intersections = []
+    step = max(1, _RUNS_CHUNK_ELEMENTS // size)
+    for first in range(0, n, step):
+        running = torch.cumsum(flat[first : first + step], dim=1, dtype=torch.int32)
+        before = torch.where(run_starts > 0, running[:, (run_starts - 1).clamp(min=0)], 0)
+        per_run = (running[:, run_ends] - before).to(torch.int64)
+        by_region = per_run.cumsum(dim=1)[:, last_run]
+        intersections.append(torch.diff(by_region, dim=1, prepend=torch.zeros_like(by_region[:, :1])))
+    return torch.cat(intersections).cpu().numpy()
 
 
 @dataclass
@@ -107,26 +197,16 @@ class ImageOverlaps:
     intersections: np.ndarray  # (N, M) pixels of prediction n inside region m
 
     @classmethod
-    def compute(cls, gt_ids, masks):
-        # Pixels per instanceIds value by OpenCV's histogram (several times faster than np.bincount; its float32
-        # counts are exact below 2**24 pixels), then each pixel's region index through a lookup table.
-        if gt_ids.size < 2**24:
-            counts = cv2.calcHist([gt_ids], [0], None, [65536], [0, 65536]).ravel().astype(np.int64)
+    def compute(cls, regions, predictions):
+        """regions: the image's GroundTruthRegions; predictions: its ImagePredictions, masks on the host (numpy)
+        or on a device (torch)."""
+        masks = predictions.masks
+        if isinstance(masks, torch.Tensor):
+            intersections = intersections_by_runs(masks, regions)
         else:
-            counts = np.bincount(gt_ids.ravel(), minlength=65536)
-        region_ids = np.flatnonzero(counts)
-        lookup = np.zeros(len(counts), np.int32)
-        lookup[region_ids] = np.arange(len(region_ids))
-        region_map = np.take(lookup, gt_ids)
-        intersections = np.zeros((len(masks), len(region_ids)), np.int64)
-        # Counting inside each mask's bounding box keeps the work proportional to the masks, not the image.
-        rows, cols = masks.any(axis=2), masks.any(axis=1)
-        for i, mask in enumerate(masks):
-            ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
-            if ys.size:
-                box = slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1)
-                intersections[i] = np.bincount(region_map[box][mask[box]], minlength=len(region_ids))
-        return cls(region_ids, counts[region_ids], intersections)
+            region_map = regions.region_map()
+            intersections = intersections_in_boxes(masks, region_map, len(regions.region_ids), predictions.boxes)
+        return cls(regions.region_ids, regions.region_areas, intersections)
 
     @property
     def region_labels(self):
