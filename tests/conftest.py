@@ -128,3 +128,28 @@ def run_tool(synthetic_datasets_dir):
         return run_tool_in_process(tool, *args, datasets_dir=synthetic_datasets_dir)
 
     return run
+
+
+QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
+# The quickstart model trained on the 6 synthetic training images until it has learned them: what every test that
+# needs a model that really predicts something uses (evaluated on the training images, where AP50 must be high).
+LEARNING = [
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "20", "SOLVER.STEPS", "(90,)", "INPUT.MIN_SIZE_TRAIN",
+    "(192,)", "INPUT.MIN_SIZE_TEST", "192", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "128", "DATALOADER.NUM_WORKERS", "0",
+    "DATASETS.TEST", "('cityscapes_synthetic_instance_train',)", "SEED", "1",
+]  # fmt: skip
+LEARNING_ITERATIONS = 120
+
+
+@pytest.fixture(scope="session")
+def trained_quickstart(synthetic_datasets_dir, tmp_path_factory):
+    """(output dir, the overrides it was trained with): train_net on the quickstart config with LEARNING, once per
+    session; the output dir holds model_final.pth, metrics.json (with the final evaluation) and config.yaml."""
+    output_dir = tmp_path_factory.mktemp("trained_quickstart")
+    result = run_tool_in_process(
+        "train_net.py", "--config-file", QUICKSTART, *LEARNING, "SOLVER.MAX_ITER", str(LEARNING_ITERATIONS),
+        "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", output_dir, datasets_dir=synthetic_datasets_dir,
+    )  # fmt: skip
+    assert result.code == 0, result.err[-5000:]
+    return output_dir, LEARNING

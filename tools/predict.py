@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Predict instances on images with a trained model: overlay PNGs in Cityscapes colours, Cityscapes-format
-result files (the format of the official evaluation) and a JSON per image.
+"""Predict instances on images with a trained model: Cityscapes-format result files (what the official evaluation
+reads; every detection kept), a JSON per image (every detection, masks as RLE) and overlay PNGs in Cityscapes colours
+(detections scoring at least --confidence-threshold).
 
   python tools/predict.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml \\
       --input 'datasets/cityscapes_synthetic/leftImg8bit/val/*/*.png' --output output/predictions \\
       --opts MODEL.WEIGHTS output/quickstart/model_final.pth
+
+An image that cannot be read is skipped with a warning naming it; the others carry on.
 """
 import argparse
 
@@ -13,15 +16,21 @@ from detectron2.utils.logger import setup_logger
 
 from cityseg_d2.engine import prepare_config
 from cityseg_d2.engine.predict import find_images, predict_images
-from cityseg_d2.errors import run_cli
+from cityseg_d2.errors import ConfigError, run_cli
 
 
 def main(args):
     setup_logger(name="cityseg_d2")
+    if not 0 <= args.confidence_threshold <= 1:
+        raise ConfigError(f"--confidence-threshold {args.confidence_threshold}: must be between 0 and 1")
     cfg = prepare_config(args.config_file, args.opts)
     images = find_images(args.input)
-    predict_images(cfg, images, args.output, args.confidence_threshold)
-    print(f"wrote overlays, Cityscapes result files and JSON for {len(images)} images to {args.output}")
+    summary = predict_images(cfg, images, args.output, args.confidence_threshold, overlays=not args.no_overlays)
+    if not summary.written:
+        raise ConfigError(f"--input {args.input}: none of the {len(images)} files could be read as an image")
+    what = "Cityscapes result files and JSON" + ("" if args.no_overlays else " and overlays")
+    skipped = f"; skipped {len(summary.skipped)} unreadable (see the warnings)" if summary.skipped else ""
+    print(f"wrote {what} for {len(summary.written)} images to {args.output}{skipped}")
 
 
 def parse_args(argv=None):
@@ -29,7 +38,10 @@ def parse_args(argv=None):
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", required=True, help="an image, a folder (recursive) or a glob pattern")
     parser.add_argument("--output", required=True, metavar="DIR")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.5, help="score an overlay shows from (files keep everything)"
+    )
+    parser.add_argument("--no-overlays", action="store_true", help="write only the result files and JSON")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser.parse_args(argv)
 

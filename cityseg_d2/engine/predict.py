@@ -1,24 +1,35 @@
-"""Run a trained model on image files: overlays, Cityscapes-format result files and a JSON per image."""
+"""Run a trained model on image files: Cityscapes-format result files, a JSON per image, and overlays.
+
+Result files and JSON keep every detection the model returns (what the official evaluation scores); the
+confidence threshold is for the overlays only. Files are written by a background thread while the next image
+is predicted, and overlays are drawn with OpenCV (the look of detectron2's Visualizer in its segmentation mode,
+without its matplotlib cost), so pictures never hold back the files a user asked for.
+"""
 import glob
 import json
 import logging
 import os
+import queue
+import threading
+from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
-from detectron2.utils.visualizer import ColorMode, Visualizer
 from tqdm import tqdm
 
-from ..evaluation.protocol import ImagePredictions
+from ..errors import ConfigError, first_line
 from ..evaluation.official_cityscapes import write_prediction_files
-from ..errors import ConfigError
+from ..evaluation.protocol import ImagePredictions
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+OUTPUT_FOLDERS = ("cityscapes", "json", "overlays")
+_OVERLAY_ALPHA = 0.5
 
 
 def find_images(spec):
@@ -45,50 +56,160 @@ def resolve_weights(cfg):
     raise ConfigError(f"MODEL.WEIGHTS is empty and {trained} does not exist: pass --opts MODEL.WEIGHTS path/to/model.pth")
 
 
-def _image_record(instances, metadata):
+def prepare_output_dir(output_dir, overlays=True):
+    """The output folders, created; a ConfigError when output_dir (or one of them) is a file."""
+    folders = {name: os.path.join(output_dir, name) for name in OUTPUT_FOLDERS if overlays or name != "overlays"}
+    for path in (output_dir, *folders.values()):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--output {output_dir}: {path} is a file; give a folder (it is created if missing)")
+    for folder in (*folders.values(), os.path.join(folders["cityscapes"], "masks")):
+        os.makedirs(folder, exist_ok=True)
+    return folders
+
+
+def read_image_file(path):
+    """(BGR uint8 image, None), or (None, why) when it cannot be decoded (not an image, truncated, unreadable)."""
+    try:
+        return read_image(path, format="BGR"), None
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on a file that is no (whole) image
+        return None, first_line(e)
+
+
+def draw_overlay(image, instances, metadata):
+    """BGR image with each instance's mask filled in its class colour (half transparent), outlined, boxed and labelled
+    with class and score, higher scores on top."""
+    canvas = image.copy()
+    colours = metadata.get("thing_colors") or [(255, 0, 0)] * len(metadata.thing_classes)
+    order = np.argsort(instances.scores.numpy(), kind="stable")
+    masks = instances.pred_masks.numpy()
+    for i in order:
+        colour = tuple(int(c) for c in colours[int(instances.pred_classes[i])][::-1])  # RGB -> BGR
+        mask = masks[i]
+        canvas[mask] = (canvas[mask] * (1 - _OVERLAY_ALPHA) + np.array(colour) * _OVERLAY_ALPHA).astype(np.uint8)
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, colour, 1, cv2.LINE_AA)
+    for i in order:
+        colour = tuple(int(c) for c in colours[int(instances.pred_classes[i])][::-1])
+        x0, y0, x1, y1 = (int(round(v)) for v in instances.pred_boxes.tensor[i].tolist())
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, 1, cv2.LINE_AA)
+        label = f"{metadata.thing_classes[int(instances.pred_classes[i])]} {100 * float(instances.scores[i]):.0f}%"
+        (width, height), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+        top = max(y0 - height - baseline, 0)
+        cv2.rectangle(canvas, (x0, top), (x0 + width, top + height + baseline), (0, 0, 0), -1)
+        cv2.putText(canvas, label, (x0, top + height), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def _json_record(path, instances, metadata):
     label_ids = metadata.thing_label_ids
     masks = instances.pred_masks.numpy()
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))) if len(masks) else []
-    return [
-        {
-            "label": metadata.thing_classes[c],
-            "label_id": int(label_ids[c]),
-            "score": round(float(s), 5),
-            "bbox_xyxy": [round(float(v), 2) for v in box],
-            "area": int(m.sum()),
-            "mask_rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-        }
-        for c, s, box, m, rle in zip(
-            instances.pred_classes.tolist(), instances.scores.tolist(), instances.pred_boxes.tensor.tolist(), masks, rles
-        )
-    ]
+    return {
+        "file_name": path,
+        "instances": [
+            {
+                "label": metadata.thing_classes[c],
+                "label_id": int(label_ids[c]),
+                "score": round(float(s), 5),
+                "bbox_xyxy": [round(float(v), 2) for v in box],
+                "area": int(m.sum()),
+                "mask_rle": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+            }
+            for c, s, box, m, rle in zip(
+                instances.pred_classes.tolist(),
+                instances.scores.tolist(),
+                instances.pred_boxes.tensor.tolist(),
+                masks,
+                rles,
+            )
+        ],
+    }
 
 
-def predict_images(cfg, image_paths, output_dir, confidence_threshold=0.5):
-    """Predict every image; write overlays/, cityscapes/ and json/ under output_dir. Returns the JSON records."""
+@dataclass
+class PredictionSummary:
+    """What predict_images did: the images it wrote files for and the ones it skipped, with the reason."""
+
+    written: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # path -> reason
+
+
+class _BackgroundWriter:
+    """Writes each image's files in one background thread (PNG encoding and OpenCV drawing release the GIL), a few
+    images behind the predictor; close() waits for the last one and re-raises the first error."""
+
+    def __init__(self, write, depth=4):
+        self._write = write
+        self._queue = queue.Queue(maxsize=depth)
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="prediction-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(*job)
+                except BaseException as e:  # handed to the main thread by close()
+                    self._error = e
+
+    def put(self, *job):
+        if self._error is not None:
+            raise self._error
+        self._queue.put(job)
+
+    def close(self):
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def build_predictor(cfg):
+    """detectron2's DefaultPredictor with MODEL.WEIGHTS (or OUTPUT_DIR/model_final.pth) loaded; one line on failure."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS = resolve_weights(cfg)
     cfg.freeze()
+    try:
+        return DefaultPredictor(cfg)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # what loading a file that is no checkpoint raises
+        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} could not be loaded: {first_line(e)}") from e
+
+
+def predict_images(cfg, image_paths, output_dir, confidence_threshold=0.5, overlays=True, predictor=None):
+    """Predict every image and write cityscapes/ (result files), json/ and, with `overlays`, overlays/ (detections
+    scoring at least confidence_threshold) under output_dir. An image that cannot be read is skipped with a warning
+    naming it. Returns a PredictionSummary."""
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    predictor = DefaultPredictor(cfg)
-    folders = {k: os.path.join(output_dir, k) for k in ("overlays", "cityscapes", "json")}
-    for folder in (*folders.values(), os.path.join(folders["cityscapes"], "masks")):
-        os.makedirs(folder, exist_ok=True)
-    records = {}
-    for path in tqdm(image_paths, desc="predict", unit="img"):
-        image = read_image(path, format="BGR")
-        instances = predictor(image)["instances"].to("cpu")
-        instances = instances[instances.scores >= confidence_threshold]
+    folders = prepare_output_dir(output_dir, overlays)
+    predictor = predictor or build_predictor(cfg)
+    summary = PredictionSummary()
+
+    def write(path, image, instances):
         stem = os.path.splitext(os.path.basename(path))[0]
-        visualizer = Visualizer(image[:, :, ::-1], metadata, instance_mode=ColorMode.SEGMENTATION)
-        visualizer.draw_instance_predictions(instances).save(os.path.join(folders["overlays"], stem + ".png"))
         predictions = ImagePredictions(
             instances.pred_masks.numpy(), instances.scores.numpy().astype(np.float64), instances.pred_classes.numpy()
         )
         write_prediction_files(folders["cityscapes"], stem, predictions, metadata.thing_label_ids)
-        records[path] = _image_record(instances, metadata)
         with open(os.path.join(folders["json"], stem + ".json"), "w") as f:
-            json.dump({"file_name": path, "instances": records[path]}, f)
-    logger.info("wrote predictions of %d images to %s", len(image_paths), output_dir)
-    return records
+            json.dump(_json_record(path, instances, metadata), f)
+        if overlays:
+            shown = instances[instances.scores >= confidence_threshold]
+            cv2.imwrite(os.path.join(folders["overlays"], stem + ".png"), draw_overlay(image, shown, metadata))
+
+    writer = _BackgroundWriter(write)
+    try:
+        for path in tqdm(image_paths, desc="predict", unit="img"):
+            image, problem = read_image_file(path)
+            if image is None:
+                summary.skipped[path] = problem
+                logger.warning("skipped %s: not a readable image (%s)", path, problem)
+                continue
+            instances = predictor(image)["instances"].to("cpu")
+            writer.put(path, image, instances)
+            summary.written.append(path)
+    finally:
+        writer.close()
+    logger.info("wrote predictions of %d images to %s", len(summary.written), output_dir)
+    return summary
