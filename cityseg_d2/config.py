@@ -7,6 +7,7 @@ def add_cityseg_config(cfg):
     _add_dataset_keys(cfg)
     _add_evaluation_keys(cfg)
     _add_training_keys(cfg)
+    _add_fast_path_keys(cfg)
     _add_wandb_keys(cfg)
     return cfg
 
@@ -48,6 +49,22 @@ def _add_training_keys(cfg):
     # MODEL.WEIGHTS may be a .pkl (a pickle, which can run code when loaded) from outside detectron2's model zoo
     # only when this says you trust it (train_net.py: --trust-pickle); .pth files are read weights-only anyway.
     cfg.CITYSEG.TRUST_PICKLE_WEIGHTS = False
+
+
+def _add_fast_path_keys(cfg):
+    # The fast training and inference path (cityseg_d2.modeling, configs/README.md "Fast path"); each key works
+    # alone. The model's components are switched by their registry names: MODEL.PROPOSAL_GENERATOR.NAME
+    # "BatchedRPN", MODEL.ROI_HEADS.NAME "BatchedROIHeads", MODEL.ROI_MASK_HEAD.NAME "TensorTargetsMaskHead".
+    cfg.SOLVER.AMP.PRECISION = "float16"  # with SOLVER.AMP.ENABLED: "float16" (grad scaling) or "bfloat16"
+    f = cfg.CITYSEG.FAST = CN()
+    f.TRAIN_LOOP = False  # our loop: autocast on GPU or CPU, the step's statistics read in one host sync
+    f.DATA = False  # polygon edges packed in the loader workers, pinned memory, next batch prefetched to the GPU
+    f.NMS = "torchvision"  # BatchedRPN/BatchedROIHeads: "torchvision" (per image) or "grouped" (whole batch)
+    f.CHANNELS_LAST = False
+    f.COMPILE = False  # torch.compile the backbone (one graph per input size)
+    f.COMPILE_BACKEND = "inductor"
+    f.TEST_BATCH_SIZE = 1  # images per forward pass at inference (test loader, batched predictor)
+    f.TEST_PRECISION = ""  # "" (float32), "bfloat16" or "float16": autocast at inference
 
 
 def _add_wandb_keys(cfg):
