@@ -3,9 +3,12 @@
 detectron2's CityscapesInstanceEvaluator is broken on upstream main, and the script's evaluateImgLists writes
 matches.json into the working directory and fails on numpy-2 integers; so this evaluator writes the prediction
 files the script reads and runs its steps itself (setInstanceLabels, getGtInstances, matchGtWithPreds,
-evaluateMatches, computeAverages), restoring the module state it changes.
+evaluateMatches, computeAverages), restoring the module state it changes. evaluate_results_folder does the same
+for a folder of result files, as the script's command line would (tools/cityscapes_evaluate.py).
 """
 
+import fnmatch
+import glob
 import itertools
 import json
 import logging
@@ -21,8 +24,10 @@ from cityscapesscripts.helpers.labels import id2label
 from detectron2.utils import comm
 from PIL import Image
 
+from ..errors import UserError
 from .base import CityscapesEvaluatorBase, segm_results
 from .matterport_metric import matterport_image_ap50
+from .protocol import EvaluatedClasses
 
 logger = logging.getLogger(__name__)
 
@@ -61,42 +66,93 @@ def _sentinel_image(label_names):
     }
 
 
-def run_official_evaluation(gt_files, prediction_files, prediction_dir, classes):
+def run_official_evaluation(gt_files, prediction_files, prediction_dir, classes, print_table=False):
     """evalInstanceLevelSemanticLabeling's result dict (the JSON the script exports) for these files.
 
     Evaluates the labels of `classes` (EvaluatedClasses); the ignoreInEval labels other than those are void, so
-    "cityscapes10" evaluates caravan and trailer instead of treating them as void. The module's `args` and `labels`
-    are restored afterwards.
+    "cityscapes10" evaluates caravan and trailer instead of treating them as void. Masks must lie under
+    prediction_dir, as the script requires. The script's ground-truth cache (gtInstances.json) is made afresh
+    in a temporary folder; with print_table, the script's own printResults prints its table. The module's
+    `args` and `labels` are restored afterwards.
     """
     args = script.args
     saved_args, saved_labels = dict(vars(args)), script.labels
     try:
-        script.labels = [
-            label._replace(ignoreInEval=False) if label.id in classes.label_ids else label for label in saved_labels
-        ]
-        args.predictionPath = os.path.abspath(prediction_dir)
-        args.predictionWalk = None
-        args.gtInstancesFile = os.path.join(prediction_dir, "gtInstances.json")  # the script's cache: a fresh one
-        if os.path.exists(args.gtInstancesFile):
-            os.remove(args.gtInstancesFile)
-        args.distanceAvailable = False
-        args.JSONOutput = False
-        args.quiet = True
-        script.setInstanceLabels(args)
-        evaluated = {id2label[label_id].name for label_id in classes.label_ids}
-        args.instLabels = [name for name in args.instLabels if name in evaluated]
-        gt_instances = script.getGtInstances(list(gt_files), args)
-        matches = script.matchGtWithPreds(list(prediction_files), list(gt_files), gt_instances, args)
+        with tempfile.TemporaryDirectory(prefix="cityseg_gt_instances_") as gt_instances_dir:
+            script.labels = [
+                label._replace(ignoreInEval=False) if label.id in classes.label_ids else label for label in saved_labels
+            ]
+            args.predictionPath = os.path.abspath(prediction_dir)
+            args.predictionWalk = None
+            args.gtInstancesFile = os.path.join(gt_instances_dir, "gtInstances.json")
+            args.distanceAvailable = False
+            args.JSONOutput = False
+            args.quiet = True
+            script.setInstanceLabels(args)
+            evaluated = {id2label[label_id].name for label_id in classes.label_ids}
+            args.instLabels = [name for name in args.instLabels if name in evaluated]
+            gt_instances = script.getGtInstances(list(gt_files), args)
+            matches = script.matchGtWithPreds(list(prediction_files), list(gt_files), gt_instances, args)
         matches["<sentinel>"] = _sentinel_image(args.instLabels)
         aps = script.evaluateMatches(matches, args)
         with warnings.catch_warnings():  # nanmean of classes absent from the ground truth
             warnings.simplefilter("ignore", RuntimeWarning)
             averages = script.computeAverages(aps, args)
+        if print_table:
+            script.printResults(averages, args)
         return script.prepareJSONDataForResults(averages, aps, args)
     finally:
         script.labels = saved_labels
         vars(args).clear()
         vars(args).update(saved_args)
+
+
+def script_folders():
+    """(Cityscapes root, results root) where evalInstanceLevelSemanticLabeling looks: $CITYSCAPES_DATASET (else
+    two folders above the script), and $CITYSCAPES_RESULTS, else <Cityscapes root>/results."""
+    default_root = os.path.join(os.path.dirname(os.path.realpath(script.__file__)), "..", "..")
+    dataset_root = os.environ.get("CITYSCAPES_DATASET", default_root)
+    return dataset_root, os.environ.get("CITYSCAPES_RESULTS", os.path.join(dataset_root, "results"))
+
+
+def find_result_files(gt_files, results_root):
+    """The result text file of each ground-truth file, found as the script's getPrediction does: the one file
+    `<city>_<sequence>_<frame>*.txt` anywhere under results_root. UserError when there is none or several."""
+    if not os.path.isdir(results_root):
+        raise UserError(
+            f"results folder {results_root} not found: set CITYSCAPES_RESULTS (or put the results in "
+            "$CITYSCAPES_DATASET/results)"
+        )
+    text_files = [(root, [f for f in files if f.endswith(".txt")]) for root, _, files in os.walk(results_root)]
+    found = []
+    for gt_file in gt_files:
+        pattern = script.getCoreImageFileName(gt_file) + "*.txt"
+        matches = [os.path.join(root, f) for root, files in text_files for f in fnmatch.filter(files, pattern)]
+        if len(matches) != 1:
+            problem = "no prediction" if not matches else f"{len(matches)} predictions ({matches[0]}, ...)"
+            raise UserError(f"found {problem} in {results_root} for the ground truth {gt_file}")
+        found.append(matches[0])
+    return found
+
+
+def evaluate_results_folder():
+    """csEvalInstanceLevelSemanticLabeling run without arguments, with our dependencies: every val image's
+    instanceIds under $CITYSCAPES_DATASET against its result file under $CITYSCAPES_RESULTS, the script's table
+    printed and its result JSON written to <Cityscapes root>/evaluationResults/resultInstanceLevelSemanticLabeling.json.
+    Returns (result dict, JSON path)."""
+    dataset_root, results_root = script_folders()
+    search = os.path.join(dataset_root, "gtFine", "val", "*", "*_gtFine_instanceIds.png")
+    gt_files = sorted(glob.glob(search))
+    if not gt_files:
+        raise UserError(f"no ground-truth images found as {search}: set CITYSCAPES_DATASET to the Cityscapes root")
+    prediction_files = find_result_files(gt_files, results_root)
+    result = run_official_evaluation(
+        gt_files, prediction_files, results_root, EvaluatedClasses.official(), print_table=True
+    )
+    export_file = os.path.join(dataset_root, "evaluationResults", "resultInstanceLevelSemanticLabeling.json")
+    os.makedirs(os.path.dirname(export_file), exist_ok=True)
+    script.writeDict2JSON(result, export_file)
+    return result, export_file
 
 
 class CityscapesInstanceEvaluator(CityscapesEvaluatorBase):

@@ -43,6 +43,12 @@ class EvaluatedClasses:
                 )
         return cls(tuple(metadata.thing_classes), tuple(int(i) for i in metadata.thing_label_ids))
 
+    @classmethod
+    def official(cls):
+        """The classes cityscapesscripts evaluates: its labels with instances that are not ignoreInEval."""
+        labels = [label for label in CITYSCAPES_LABELS if label.hasInstances and not label.ignoreInEval]
+        return cls(tuple(label.name for label in labels), tuple(label.id for label in labels))
+
     @property
     def void_label_ids(self):
         return tuple(
