@@ -2,11 +2,15 @@
 
 Everything else is a bug of ours or of a dependency and keeps its traceback.
 """
+import logging
+import signal
 import sys
 
 
 class UserError(Exception):
     """Caused by input (a config, a file, a sweep, a checkpoint), not by a bug; the message says what and where."""
+
+    exit_code = 2
 
 
 class ConfigError(UserError, ValueError):
@@ -21,6 +25,24 @@ class TrainingDivergedError(UserError, FloatingPointError):
     """A loss became NaN or inf; the message says at which iteration and what usually helps."""
 
 
+class OutputDirError(UserError):
+    """OUTPUT_DIR is in use by another training, holds one that would be overwritten, or cannot be written."""
+
+
+class CheckpointError(UserError):
+    """No checkpoint to resume from can be read, or one just written cannot be read back."""
+
+
+class TrainingInterrupted(UserError):
+    """SIGTERM or SIGINT stopped training after a checkpoint was saved; exits like a process killed by that signal
+    (128 + its number), as schedulers and shells expect."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.signal_name = signal.Signals(signum).name
+
+
 def first_line(error):
     """The first non-empty line of an exception's message (KeyError's repr quotes stripped), else its type name."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
@@ -29,9 +51,11 @@ def first_line(error):
 
 
 def run_cli(fn, *args, **kwargs):
-    """Call fn; on a UserError print `error: <message>` on stderr and exit with code 2."""
+    """Call fn; on a UserError print `error: <message>` on stderr and exit with its code (2 unless it says otherwise)."""
+    # A log file on a full disk must not print a traceback for every line logged after it filled up.
+    logging.raiseExceptions = False
     try:
         return fn(*args, **kwargs)
     except UserError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)

@@ -1,25 +1,42 @@
-"""detectron2's DefaultTrainer with Cityscapes evaluators, best-checkpoint keeping and a divergence message."""
+"""detectron2's DefaultTrainer with Cityscapes evaluators, best-checkpoint keeping, crash-safe checkpoints and
+outputs (see engine/checkpoint.py and engine/hooks.py) and one-line messages for what a user can fix."""
 import logging
 import os
-import pickle
+import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 
-from ..errors import ConfigError, TrainingDivergedError, first_line
+from ..errors import ConfigError, TrainingDivergedError, UserError, first_line
 from ..evaluation import build_evaluator
 from ..integrations import wandb_enabled
+from .checkpoint import (
+    FINAL_CHECKPOINT,
+    UNREADABLE,
+    SafeCheckpointer,
+    eval_only_fit_error,
+    verify_checkpoint,
+    weights_error,
+)
+from .hooks import EvalHook, MetricsWriter, StopOnSignal, drop_metrics_from
 
 logger = logging.getLogger(__name__)
 
 
-# What torch.load / pickle raise on a file that is not a checkpoint, or one of another model.
-_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
+class _OneLineUserErrors(logging.Filter):
+    """detectron2's train loop logs the exception that ends training with its traceback. A user's error (run_cli
+    prints it as one `error:` line) and a diverging loss are logged in one line instead."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (UserError, FloatingPointError)):
+            record.msg, record.args = f"Training stopped: {first_line(error)}", ()
+            record.exc_info = record.exc_text = None
+        return True
 
 
-def _weights_error(weights, error):
-    return ConfigError(f"MODEL.WEIGHTS {weights!r} could not be loaded: {first_line(error)}")
+_ONE_LINE_USER_ERRORS = _OneLineUserErrors()
 
 
 class Trainer(DefaultTrainer):
@@ -30,7 +47,13 @@ class Trainer(DefaultTrainer):
     INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP (and INPUT.CROP), as in every detectron2 config.
     `wandb` is the W&B session (cityseg_d2.integrations.wandb.WandbSession) on the main process when W&B is on,
     else None; its run starts when training starts.
+
+    Checkpoints are written atomically and read weights-only (SafeCheckpointer); SIGTERM or SIGINT saves one and
+    stops (StopOnSignal, in a single-process training), with `resume_hint` in its message; a finished training's
+    model_final.pth is read back before train() returns.
     """
+
+    resume_hint = "continue from it with --resume"
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -45,12 +68,20 @@ class Trainer(DefaultTrainer):
             raise ConfigError(f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}: {e}") from e
 
     def build_hooks(self):
+        # DefaultTrainer made a DetectionCheckpointer just before calling build_hooks: the hooks save through ours.
+        self.checkpointer = SafeCheckpointer(
+            self.checkpointer.model,
+            self.cfg.OUTPUT_DIR,
+            trust_pickle=self.cfg.CITYSEG.TRUST_PICKLE_WEIGHTS,
+            trainer=weakref.proxy(self),
+        )
         self.wandb = None
         if wandb_enabled(self.cfg) and comm.is_main_process():
             from ..integrations.wandb import WandbSession
 
             self.wandb = WandbSession(self.cfg)
         ret = super().build_hooks()  # calls build_writers
+        ret = [self._eval_hook() if isinstance(h, hooks.EvalHook) else h for h in ret]
         metric = self.cfg.CITYSEG.BEST_CHECKPOINT_METRIC
         best = None
         if metric and self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
@@ -60,22 +91,47 @@ class Trainer(DefaultTrainer):
         # After the EvalHook whose results they read, before the PeriodicWriter that is always last (its
         # after_train closes the writers, which finishes the W&B run).
         ret[-1:-1] = ([best] if best else []) + (self.wandb.evaluation_hooks(best) if self.wandb else [])
+        if comm.get_world_size() == 1:  # several processes would have to agree on the iteration to stop at
+            ret.insert(len(ret) - 1, StopOnSignal(self.checkpointer))  # after every hook that saves or evaluates
         if self.wandb:
             ret.insert(0, self.wandb)  # first: the run exists before any other hook's before_train
         return ret
 
+    def _eval_hook(self):
+        """Ours in place of DefaultTrainer's EvalHook, with the same evaluation function."""
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        return EvalHook(self.cfg.TEST.EVAL_PERIOD, test_and_save_results)
+
     def build_writers(self):
-        return super().build_writers() + ([self.wandb.writer()] if self.wandb else [])
+        """detectron2's default writers, with metrics.json written by MetricsWriter (strict JSON)."""
+        output_dir = self.cfg.OUTPUT_DIR
+        writers = [
+            CommonMetricPrinter(self.max_iter),
+            MetricsWriter(os.path.join(output_dir, "metrics.json")),
+            TensorboardXWriter(output_dir),
+        ]
+        return writers + ([self.wandb.writer()] if self.wandb else [])
 
     def resume_or_load(self, resume=True):
         try:
             super().resume_or_load(resume=resume)
-        except _LOAD_ERRORS as e:
-            raise _weights_error(self.cfg.MODEL.WEIGHTS, e) from e
+        except UserError:
+            raise
+        except UNREADABLE as e:
+            raise weights_error(self.cfg.MODEL.WEIGHTS, e) from e
+        if resume and comm.is_main_process():
+            drop_metrics_from(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
 
     def train(self):
+        train_loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        if _ONE_LINE_USER_ERRORS not in train_loop_logger.filters:
+            train_loop_logger.addFilter(_ONE_LINE_USER_ERRORS)
         try:
-            return super().train()
+            results = super().train()
         except FloatingPointError as e:
             if isinstance(e, TrainingDivergedError):
                 raise
@@ -87,14 +143,25 @@ class Trainer(DefaultTrainer):
             if self.wandb:  # when an after_train hook raised, PeriodicWriter never closed the W&B writer
                 self.wandb.finish(error=e)
             raise
+        if comm.is_main_process():
+            final = os.path.join(self.cfg.OUTPUT_DIR, FINAL_CHECKPOINT)
+            verify_checkpoint(final, self.max_iter - 1)
+            logger.info(f"Training finished: {final} (iteration {self.max_iter - 1}) read back whole")
+        return results
 
     @classmethod
     def evaluate_weights(cls, cfg, resume=False):
-        """--eval-only: load MODEL.WEIGHTS (or the last checkpoint with resume) and evaluate DATASETS.TEST."""
+        """--eval-only: load MODEL.WEIGHTS (or the last checkpoint with resume) and evaluate DATASETS.TEST; weights
+        that leave part of the model at random init are refused (they would evaluate to an AP near 0)."""
         model = cls.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, trust_pickle=cfg.CITYSEG.TRUST_PICKLE_WEIGHTS)
         try:
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
-        except _LOAD_ERRORS as e:
-            raise _weights_error(cfg.MODEL.WEIGHTS, e) from e
+        except UserError:
+            raise
+        except UNREADABLE as e:
+            raise weights_error(cfg.MODEL.WEIGHTS, e) from e
+        refusal = eval_only_fit_error(cfg.MODEL.WEIGHTS, checkpointer.fit)
+        if refusal:
+            raise refusal
         return cls.test(cfg, model)
