@@ -5,12 +5,14 @@ A sweep of three trials checks sampling, reporting, ASHA, W&B runs (offline), th
 decisions are deterministic. The grid's MODEL.RPN.LOSS_WEIGHT 20 multiplies the RPN losses, so that trial's
 total_loss is far above the others' at the first rung (iteration 4) and ASHA stops it there.
 """
+import contextlib
 import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -18,8 +20,10 @@ import ray
 import yaml
 
 from cityseg_d2.engine.setup import load_config
-from cityseg_d2.integrations import ray_tune
-from test_wandb import _records as wandb_records  # reads an offline W&B run file
+from cityseg_d2 import tune as sweeps
+from cityseg_d2.tune.runner import SAVED_SWEEP
+from cityseg_d2.tune.trial import WANDB_RUN_ID
+from test_wandb import OfflineRun  # reads an offline W&B run with `wandb leet inspect`
 
 pytestmark = pytest.mark.slow
 
@@ -72,22 +76,22 @@ def swept(detectron2_datasets, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("sweeps"))
     wandb_dir = str(tmp_path_factory.mktemp("wandb"))
     cfg = load_config(QUICKSTART, TINY_OPTS + WANDB_OPTS)
-    sweep = ray_tune.parse_sweep(SWEEP, source="tiny.yaml")
-    ray_tune.validate_sweep(sweep, cfg)
+    sweep = sweeps.parse_sweep(SWEEP, source="tiny.yaml")
+    sweeps.validate_sweep(sweep, cfg)
+    experiment_dir = sweeps.new_experiment(storage, sweep.name)
     with pytest.MonkeyPatch.context() as env:
         # Ray's workers inherit the environment of the raylet that connect_ray starts here.
         env.setenv("DETECTRON2_DATASETS", detectron2_datasets)
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_DIR", wandb_dir)
-        ray_tune.connect_ray(num_cpus=2)
+        sweeps.connect_ray(num_cpus=2)
         try:
-            sweep = ray_tune.resolve_resources(sweep, cfg, ray.cluster_resources())
-            results = ray_tune.start_sweep(sweep, cfg, storage)
+            sweep = sweeps.resolve_resources(sweep, cfg, ray.cluster_resources())
+            results = sweeps.start_sweep(sweep, cfg, experiment_dir)
         finally:
             ray.shutdown()
-        rows = ray_tune.trial_rows(results, sweep, cfg)
-        experiment_dir = ray_tune.experiment_path(storage, sweep.name)
-        ray_tune.write_summary(rows, experiment_dir)
+        rows = sweeps.trial_rows(results, sweep, cfg)
+        sweeps.write_summary(rows, experiment_dir)
         yield sweep, cfg, results, rows, experiment_dir, wandb_dir
 
 
@@ -114,7 +118,9 @@ def test_trials_report_losses_and_the_fast_evaluators_results_at_each_evaluation
         history = result.metrics_dataframe
         assert list(history["iteration"]) in ([4], [4, 8])  # detectron2 iterations at each evaluation
         assert {"total_loss", "loss_mask", "segm/AP", "segm/AP50", "segm/matterport_AP50"} <= set(history.columns)
-        assert sorted(os.listdir(result.checkpoint.path)) == ["last_checkpoint", "tune_checkpoint.pth", "tune_metrics.json"]
+        run_id = [WANDB_RUN_ID] if os.path.exists(os.path.join(result.path, "output", WANDB_RUN_ID)) else []
+        expected = ["last_checkpoint", "tune_checkpoint.pth", "tune_metrics.json", *run_id]
+        assert sorted(os.listdir(result.checkpoint.path)) == sorted(expected)
 
 
 def test_asha_stops_the_trial_with_the_bad_loss_weight_at_the_first_rung(swept):
@@ -132,30 +138,27 @@ def test_summary_files_rank_trials_best_first(swept):
         header, *lines = f.read().splitlines()
     assert header.split(",")[:3] == ["rank", "trial", "MODEL.RPN.LOSS_WEIGHT"]
     assert [line.split(",")[1] for line in lines] == [r["trial"] for r in rows]
-    with open(os.path.join(experiment_dir, ray_tune.SAVED_SWEEP)) as f:
+    with open(os.path.join(experiment_dir, SAVED_SWEEP)) as f:
         assert yaml.safe_load(f)["space"] == SWEEP["space"]
 
 
 def test_every_trial_is_a_wandb_run_of_the_sweeps_group_stopped_ones_too(swept):
     _, _, _, rows, _, wandb_dir = swept
-    runs = {}
-    for path in glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "run-*.wandb")):
-        records = {}
-        for record in wandb_records(path):
-            records.setdefault(record.WhichOneof("record_type"), record)
-        runs[records["run"].run.display_name] = records
+    runs = [OfflineRun(path) for path in glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*"))]
+    runs = {run.run["display_name"]: run for run in runs}
     assert sorted(runs) == sorted(r["trial"] for r in rows)
     for row in rows:
-        records = runs[row["trial"]]
-        assert records["run"].run.run_group == "tiny"
-        assert records["exit"].exit.exit_code == 0  # finished, also when ASHA stopped the trial
-        (tune_item,) = [item for item in records["run"].run.config.update if item.key == "tune"]
-        assert json.loads(tune_item.value_json)["MODEL.RPN.LOSS_WEIGHT"] == row["MODEL.RPN.LOSS_WEIGHT"]
+        run = runs[row["trial"]]
+        assert run.run["run_group"] == "tiny"
+        # Ended, also when ASHA stopped the trial (its process exits right after).
+        ended = ("finished", 0) if row["status"] == "finished" else ("failed", 1)
+        assert (run.state, run.exit_code) == ended, row
+        assert run.config["tune"]["MODEL.RPN.LOSS_WEIGHT"] == row["MODEL.RPN.LOSS_WEIGHT"]
 
 
 def test_best_config_trains_with_train_net_as_it_is(swept, detectron2_datasets):
     sweep, cfg, _, rows, experiment_dir, _ = swept
-    path = ray_tune.write_best_config(rows, sweep, cfg, experiment_dir)
+    path = sweeps.write_best_config(rows, sweep, cfg, experiment_dir)
     best = load_config(path)
     assert best.SOLVER.BASE_LR == pytest.approx(rows[0]["SOLVER.BASE_LR"])
     assert best.MODEL.RPN.LOSS_WEIGHT == rows[0]["MODEL.RPN.LOSS_WEIGHT"]
@@ -179,12 +182,47 @@ def _tune_net(args, env, **kwargs):
     )
 
 
+# A driver that starts a sweep whose every trial raises once after iteration 6, through a hook the trials take
+# (TrialSpec.hooks); defined in the driver's __main__, so it travels to Ray's workers by value.
+FAILING_SWEEP_DRIVER = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    import ray
+    from detectron2.engine import HookBase
+
+    from cityseg_d2.engine import prepare_config
+    from cityseg_d2.tune import connect_ray, load_sweep, new_experiment, resolve_resources, start_sweep, validate_sweep
+
+    class FailOnceAfterIteration6(HookBase):
+        def __init__(self, cfg):
+            self._marker = os.path.join(cfg.OUTPUT_DIR, "injected_failure")  # makes it once per trial
+
+        def after_step(self):
+            if self.trainer.iter + 1 == 6 and not os.path.exists(self._marker):
+                open(self._marker, "w").close()
+                raise RuntimeError("injected failure after iteration 6")
+
+    config_file, sweep_file, storage, *opts = sys.argv[1:]
+    cfg = prepare_config(config_file, opts)
+    sweep = load_sweep(sweep_file)
+    validate_sweep(sweep, cfg)
+    experiment_dir = new_experiment(storage, sweep.name)
+    connect_ray()
+    sweep = resolve_resources(sweep, cfg, ray.cluster_resources())
+    start_sweep(sweep, cfg, experiment_dir, hooks=[FailOnceAfterIteration6])
+    """
+)
+
+
 def test_killed_sweep_resumes_without_rerunning_finished_trials_and_failed_trials_retry(
     detectron2_datasets, tmp_path
 ):
-    """Every trial raises once after iteration 6 (test-only FAIL_ONCE_ENV) and is retried from its iteration-4
-    checkpoint (max_failures 1). The driver is killed (SIGKILL, with its local Ray) during the second trial's
-    retry; --resume then finishes that trial from its checkpoint and leaves the finished first one alone."""
+    """Every trial raises once after iteration 6 (a hook of the test's driver) and is retried from its
+    iteration-4 checkpoint (max_failures 1). The driver is killed (SIGKILL, with its local Ray) during the second
+    trial's retry; tune_net --resume then finishes that trial from its checkpoint and leaves the finished first one
+    alone."""
     sweep_file = tmp_path / "resumable.yaml"
     sweep_file.write_text(yaml.safe_dump({
         "max_failures": 1, "max_concurrent_trials": 1, "resources": {"cpus_per_trial": 1},
@@ -192,11 +230,12 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials_and_failed_trial
     }))  # fmt: skip
     storage = tmp_path / "sweeps"
     experiment = storage / "resumable"
-    env = {**os.environ, "DETECTRON2_DATASETS": detectron2_datasets, ray_tune.FAIL_ONCE_ENV: "6"}
-    args = ["--sweep", str(sweep_file), "--storage", str(storage)]
+    env = {**os.environ, "DETECTRON2_DATASETS": detectron2_datasets}
 
-    command, options = _tune_net(args, env, start_new_session=True)
-    driver = subprocess.Popen(command, **options)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", FAILING_SWEEP_DRIVER, QUICKSTART, str(sweep_file), str(storage), *TINY_OPTS],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
     try:
         # Kill once the second trial's retry has begun from its checkpoint: by then Ray's experiment state,
         # saved right after each reported checkpoint, knows that checkpoint.
@@ -206,13 +245,14 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials_and_failed_trial
             assert time.monotonic() < deadline, "the second trial never restarted"
             time.sleep(0.5)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        with contextlib.suppress(ProcessLookupError):  # already gone when the driver failed
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         driver.wait()
     first, second = sorted(experiment.glob("trial_*"))
     assert not (experiment / "trials.json").exists()  # the sweep did not get to its end
     assert training_starts(first / "output") == [0, 4]  # failed once after 6, retried from the checkpoint at 4
 
-    command, options = _tune_net([*args, "--resume"], env, timeout=400)
+    command, options = _tune_net(["--sweep", str(sweep_file), "--storage", str(storage), "--resume"], env, timeout=400)
     resumed = subprocess.run(command, **options)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     with open(experiment / "trials.json") as f:
@@ -224,5 +264,5 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials_and_failed_trial
     assert training_starts(first / "output") == [0, 4]  # not trained again
     starts = training_starts(second / "output")
     assert starts[:2] == [0, 4] and starts[2:] == [4]  # resumed from its checkpoint, not from scratch
-    assert (second / "output" / ray_tune.FAIL_ONCE_MARKER).exists()
+    assert (second / "output" / "injected_failure").exists()
     assert (experiment / "best_config.yaml").exists()

@@ -1,8 +1,9 @@
-"""Sweep files, their validation against a base config and the trial config, without starting Ray."""
+"""Sweep files, their validation against a base config, the trial config, the address probe and the summary,
+without starting Ray."""
 import json
 import re
-import subprocess
-import sys
+import runpy
+import socket
 import time
 
 import pandas as pd
@@ -14,7 +15,8 @@ from ray import tune
 
 from cityseg_d2.engine.setup import load_config
 from cityseg_d2.errors import ConfigError
-from cityseg_d2.integrations import ray_tune
+from cityseg_d2.tune import results as summary, runner, sweep as sweeps
+from cityseg_d2.tune.trial import trial_config
 
 QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
 TWO_TEST_SETS = '("cityscapes_synthetic_instance_val", "cityscapes_synthetic_instance_test")'
@@ -26,7 +28,7 @@ def quickstart_cfg():
 
 
 def sweep(space, **entries):
-    return ray_tune.parse_sweep({"space": space, **entries}, source="test_sweep.yaml")
+    return sweeps.parse_sweep({"space": space, **entries}, source="test_sweep.yaml")
 
 
 @pytest.mark.parametrize(
@@ -37,15 +39,15 @@ def sweep(space, **entries):
     ],
 )
 def test_shipped_sweeps_are_valid_for_their_configs(sweep_file, config_file):
-    s = ray_tune.load_sweep(sweep_file)
-    ray_tune.validate_sweep(s, load_config(config_file))
+    s = sweeps.load_sweep(sweep_file)
+    sweeps.validate_sweep(s, load_config(config_file))
     assert s.metric == "segm/AP" and s.scheduler["type"] == "asha"
     # Every candidate merges into the config (checked above) and reaches Ray as a search domain.
     assert set(s.param_space()) == set(s.space)
 
 
 def test_student_project_space_is_the_student_projects_study():
-    s = ray_tune.load_sweep("configs/sweeps/student_project_space.yaml")
+    s = sweeps.load_sweep("configs/sweeps/student_project_space.yaml")
     assert {k: spec.kind for k, spec in s.space.items()} == {
         "SOLVER.BASE_LR": "loguniform",
         "SOLVER.WEIGHT_DECAY": "loguniform",
@@ -57,12 +59,12 @@ def test_student_project_space_is_the_student_projects_study():
 def test_list_valued_choices_reach_the_config_as_lists_and_tuples(quickstart_cfg):
     sizes = [[[16], [32], [64], [128], [256]], [[24], [48], [96], [192], [384]]]
     s = sweep({"MODEL.ANCHOR_GENERATOR.SIZES": {"choice": sizes}, "INPUT.MIN_SIZE_TRAIN": {"grid": [[128], [96, 128]]}})
-    ray_tune.validate_sweep(s, quickstart_cfg)
+    sweeps.validate_sweep(s, quickstart_cfg)
     domain = s.param_space()["MODEL.ANCHOR_GENERATOR.SIZES"]
     assert isinstance(domain, tune.search.sample.Categorical)
     assert all(isinstance(c, str) for c in domain.categories)  # Optuna takes scalar categories only
     trial = {"MODEL.ANCHOR_GENERATOR.SIZES": domain.categories[1], "INPUT.MIN_SIZE_TRAIN": json.dumps([96, 128])}
-    cfg = ray_tune.trial_config(quickstart_cfg, s.overrides(trial), "/tmp/x", cpus=1, use_gpu=False)
+    cfg = trial_config(quickstart_cfg, s.overrides(trial), "/tmp/x", cpus=1, use_gpu=False)
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == sizes[1]
     assert cfg.INPUT.MIN_SIZE_TRAIN == (96, 128)
 
@@ -77,7 +79,7 @@ def test_list_valued_choices_reach_the_config_as_lists_and_tuples(quickstart_cfg
 )
 def test_space_that_does_not_fit_the_base_config_is_named(quickstart_cfg, space, message):
     with pytest.raises(ConfigError, match="^test_sweep.yaml: space: ") as error:
-        ray_tune.validate_sweep(sweep(space), quickstart_cfg)
+        sweeps.validate_sweep(sweep(space), quickstart_cfg)
     assert message in str(error.value)
 
 
@@ -102,7 +104,7 @@ def test_space_that_does_not_fit_the_base_config_is_named(quickstart_cfg, space,
 def test_malformed_sweep_files_fail_in_one_line(data, message):
     data = {"space": {"SOLVER.BASE_LR": {"loguniform": [1e-4, 1e-2]}}, **data}
     with pytest.raises(ConfigError, match="^test_sweep.yaml: ") as error:
-        ray_tune.parse_sweep(data, source="test_sweep.yaml")
+        sweeps.parse_sweep(data, source="test_sweep.yaml")
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -128,28 +130,28 @@ def test_metric_must_be_one_the_trials_report(metric, mode, opts, ok):
     s = sweep({"SOLVER.BASE_LR": {"loguniform": [1e-4, 1e-2]}}, metric=metric, mode=mode)
     cfg = load_config(QUICKSTART, opts)
     if ok:
-        ray_tune.validate_sweep(s, cfg)
+        sweeps.validate_sweep(s, cfg)
     else:
         with pytest.raises(ConfigError, match="metric"):
-            ray_tune.validate_sweep(s, cfg)
+            sweeps.validate_sweep(s, cfg)
 
 
 def test_asha_needs_periodic_evaluation_and_a_grace_period_below_max_t():
     asha = {"type": "asha", "grace_period": 500, "reduction_factor": 3}
     s = sweep({"SOLVER.BASE_LR": {"loguniform": [1e-4, 1e-2]}}, scheduler=asha)
     budget = ["SOLVER.MAX_ITER", "1500", "TEST.EVAL_PERIOD", "500"]
-    ray_tune.validate_sweep(s, load_config(QUICKSTART, budget))
+    sweeps.validate_sweep(s, load_config(QUICKSTART, budget))
     with pytest.raises(ConfigError, match="TEST.EVAL_PERIOD > 0"):
-        ray_tune.validate_sweep(s, load_config(QUICKSTART, budget + ["TEST.EVAL_PERIOD", "0"]))
+        sweeps.validate_sweep(s, load_config(QUICKSTART, budget + ["TEST.EVAL_PERIOD", "0"]))
     with pytest.raises(ConfigError, match="grace_period 500 must be below max_t 400"):
-        ray_tune.validate_sweep(s, load_config(QUICKSTART, budget + ["SOLVER.MAX_ITER", "400"]))
+        sweeps.validate_sweep(s, load_config(QUICKSTART, budget + ["SOLVER.MAX_ITER", "400"]))
 
 
 def test_saved_sweep_reads_back_the_same(tmp_path):
-    s = ray_tune.load_sweep("configs/sweeps/rich_space.yaml")
+    s = sweeps.load_sweep("configs/sweeps/rich_space.yaml")
     path = tmp_path / "sweep.yaml"
     path.write_text(s.to_yaml())
-    again = ray_tune.load_sweep(str(path))
+    again = sweeps.load_sweep(str(path))
     assert (again.space, again.scheduler, again.search, again.metric, again.num_samples) == (
         s.space, s.scheduler, s.search, s.metric, s.num_samples
     )
@@ -161,7 +163,7 @@ def test_trial_config_takes_the_trials_resources(quickstart_cfg, use_gpu):
     base = quickstart_cfg.clone()
     base.SOLVER.AMP.ENABLED = True
     base.DATALOADER.NUM_WORKERS = 4
-    cfg = ray_tune.trial_config(base, ["SOLVER.BASE_LR", 0.003], "/sweeps/s/trial_1/output", cpus=2, use_gpu=use_gpu)
+    cfg = trial_config(base, ["SOLVER.BASE_LR", 0.003], "/sweeps/s/trial_1/output", cpus=2, use_gpu=use_gpu)
     assert cfg.SOLVER.BASE_LR == 0.003 and cfg.OUTPUT_DIR == "/sweeps/s/trial_1/output"
     on_gpu = use_gpu and torch.cuda.is_available()  # prepare_config falls back to the CPU without CUDA
     assert cfg.MODEL.DEVICE == ("cuda" if on_gpu else "cpu") and cfg.SOLVER.AMP.ENABLED == on_gpu
@@ -185,90 +187,128 @@ def test_trial_resources_come_from_cli_then_sweep_then_cluster(cluster, cli, fil
     cfg = load_config(QUICKSTART, ["DATALOADER.NUM_WORKERS", "2"])
     if isinstance(expected, str):
         with pytest.raises(ConfigError, match=re.escape(expected)):
-            ray_tune.resolve_resources(s, cfg, cluster, *cli)
+            runner.resolve_resources(s, cfg, cluster, *cli)
     else:
-        resolved = ray_tune.resolve_resources(s, cfg, cluster, *cli)
+        resolved = runner.resolve_resources(s, cfg, cluster, *cli)
         assert (resolved.cpus_per_trial, resolved.gpus_per_trial) == expected
 
 
-def test_address_where_no_head_listens_fails_fast():
-    start = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"--address 127.0.0.1:1: no Ray head answers there"):
-        ray_tune.check_address("127.0.0.1:1")
-    assert time.perf_counter() - start < 5
+@pytest.fixture
+def silent_server():
+    """HOST:PORT of a TCP server that accepts connections and never answers (not a Ray head)."""
+    server = socket.create_server(("127.0.0.1", 0))  # the kernel completes connections; nothing reads or writes
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def test_address_where_no_head_listens_fails_in_one_line():
+    with pytest.raises(ConfigError, match=r"^--address 127.0.0.1:1: no Ray head answers there \(UNAVAILABLE"):
+        runner.probe_address("127.0.0.1:1")
     with pytest.raises(ConfigError, match="expected auto or HOST:PORT"):
-        ray_tune.check_address("localhost")
+        runner.probe_address("localhost")
 
 
-def _result(tmp_path, name, rows, error=None):
-    return tune.Result(
-        metrics=rows[-1] if rows else {}, checkpoint=None, error=error, path=str(tmp_path / name),
-        metrics_dataframe=pd.DataFrame(rows) if rows else None, _storage_filesystem=None,
+def test_a_server_that_is_not_ray_at_the_address_fails_within_the_probe_timeout(run_tool, silent_server, tmp_path):
+    sweep_file = tmp_path / "lr.yaml"
+    sweep_file.write_text(yaml.safe_dump({"space": {"SOLVER.BASE_LR": {"grid": [0.01, 0.02]}}}))
+    start = time.monotonic()
+    run = run_tool(
+        "tune_net.py", "--config-file", QUICKSTART, "--sweep", sweep_file, "--storage", tmp_path / "sweeps",
+        "--address", silent_server,
     )  # fmt: skip
+    assert time.monotonic() - start < 3 * runner.PROBE_TIMEOUT_S  # not ray.init's 20 s, nor forever
+    assert run.code == 2 and run.error_lines() == [
+        f"error: --address {silent_server}: no Ray head answers there (DEADLINE_EXCEEDED within 3 s); start one "
+        "with `ray start --head --port PORT`, or check HOST:PORT"
+    ]
+    assert "Traceback" not in run.err and not ray.is_initialized()
+
+
+def _trial_result(tmp_path, trial_id, error=None):
+    """A trial's Result as the ResultGrid holds it (reports are read from get_dataframe, not from here)."""
+    path = tmp_path / f"trial_{trial_id}"
+    path.mkdir()
+    return tune.Result(metrics={}, checkpoint=None, error=error, path=str(path), _storage_filesystem=None)
 
 
 def test_summary_ranks_by_best_report_and_best_config_holds_the_winner(tmp_path, quickstart_cfg):
     s = sweep({"SOLVER.BASE_LR": {"grid": [0.01, 0.02, 0.04]}}, metric="segm/AP")
     max_iter = quickstart_cfg.SOLVER.MAX_ITER
     half = max_iter // 2
-    results = [
-        _result(tmp_path, "trial_a", [{"iteration": half, "segm/AP": 3.0}, {"iteration": max_iter, "segm/AP": 5.0}]),
-        _result(tmp_path, "trial_b", [{"iteration": half, "segm/AP": 7.0}, {"iteration": max_iter, "segm/AP": 6.0}]),
-        _result(tmp_path, "trial_c", [{"iteration": half, "segm/AP": 1.0}]),
+    trials = {f"trial_{i}": _trial_result(tmp_path, i) for i in "abc"}
+    trials["trial_d"] = _trial_result(tmp_path, "d", error=RuntimeError("failed before its first report"))
+    (tmp_path / "trial_d" / "params.json").write_text(json.dumps({"SOLVER.BASE_LR": 0.01}))
+    # ResultGrid.get_dataframe(filter_metric="segm/AP", filter_mode="max") and get_dataframe() (last reports);
+    # trial_d failed before its first report and is in neither.
+    best = pd.DataFrame([
+        {"trial_id": "a", "iteration": max_iter, "segm/AP": 5.0, "config/SOLVER.BASE_LR": 0.01},
+        {"trial_id": "b", "iteration": half, "segm/AP": 7.0, "config/SOLVER.BASE_LR": 0.02},
+        {"trial_id": "c", "iteration": half, "segm/AP": 1.0, "config/SOLVER.BASE_LR": 0.04},
+    ])  # fmt: skip
+    last = pd.DataFrame([
+        {"trial_id": "a", "iteration": max_iter, "segm/AP": 5.0, "config/SOLVER.BASE_LR": 0.01},
+        {"trial_id": "b", "iteration": max_iter, "segm/AP": 6.0, "config/SOLVER.BASE_LR": 0.02},
+        {"trial_id": "c", "iteration": half, "segm/AP": 1.0, "config/SOLVER.BASE_LR": 0.04},
+    ])  # fmt: skip
+    rows = summary.rank_trials(best, last, trials, s, quickstart_cfg)
+    assert [(r["trial"], r["SOLVER.BASE_LR"], r["segm/AP"], r["iterations"], r["status"]) for r in rows] == [
+        ("trial_b", 0.02, 7.0, max_iter, "finished"),
+        ("trial_a", 0.01, 5.0, max_iter, "finished"),
+        ("trial_c", 0.04, 1.0, half, "stopped early"),
+        ("trial_d", 0.01, None, 0, "error"),
     ]
-    for result, lr in zip(results, [0.01, 0.02, 0.04]):
-        (tmp_path / result.path).mkdir()
-        (tmp_path / result.path / "params.json").write_text(json.dumps({"SOLVER.BASE_LR": lr}))
-    rows = ray_tune.trial_rows(results, s, quickstart_cfg)
-    assert [(r["trial"], r["segm/AP"], r["status"]) for r in rows] == [
-        ("trial_b", 7.0, "finished"),
-        ("trial_a", 5.0, "finished"),
-        ("trial_c", 1.0, "stopped early"),
-    ]
-    ray_tune.write_summary(rows, str(tmp_path))
-    assert [r["trial"] for r in json.loads((tmp_path / "trials.json").read_text())] == ["trial_b", "trial_a", "trial_c"]
+    assert rows[0]["output_dir"] == str(tmp_path / "trial_b" / "output")
+    summary.write_summary(rows, str(tmp_path))
+    assert [r["trial"] for r in json.loads((tmp_path / "trials.json").read_text())] == [
+        "trial_b", "trial_a", "trial_c", "trial_d"
+    ]  # fmt: skip
     assert (tmp_path / "trials.csv").read_text().splitlines()[1].startswith("1,trial_b,0.02,7,")
-    best = load_config(ray_tune.write_best_config(rows, s, quickstart_cfg, str(tmp_path)))
+    best = load_config(summary.write_best_config(rows, s, quickstart_cfg, str(tmp_path)))
     assert best.SOLVER.BASE_LR == 0.02 and best.OUTPUT_DIR == str(tmp_path / "best")
+    table = summary.format_table(rows).splitlines()
+    assert table[0].split()[:4] == ["rank", "trial", "SOLVER.BASE_LR", "segm/AP"]
+    assert table[2].split()[:4] == ["1", "trial_b", "0.02", "7"] and table[-1].split()[3] == "-"
 
 
 def test_a_metric_no_trial_reported_is_an_error_at_the_end(tmp_path, quickstart_cfg):
     s = sweep({"SOLVER.BASE_LR": {"grid": [0.01]}}, metric="segm/AP")
-    (tmp_path / "trial_a").mkdir()
-    (tmp_path / "trial_a" / "params.json").write_text(json.dumps({"SOLVER.BASE_LR": 0.01}))
-    rows = ray_tune.trial_rows([_result(tmp_path, "trial_a", [{"iteration": 8, "total_loss": 2.0}])], s, quickstart_cfg)
+    reports = pd.DataFrame([{"trial_id": "a", "iteration": 8, "total_loss": 2.0, "config/SOLVER.BASE_LR": 0.01}])
+    rows = summary.rank_trials(reports, reports, {"trial_a": _trial_result(tmp_path, "a")}, s, quickstart_cfg)
     with pytest.raises(ConfigError, match="no trial reported the metric 'segm/AP'"):
-        ray_tune.write_best_config(rows, s, quickstart_cfg, str(tmp_path))
+        summary.write_best_config(rows, s, quickstart_cfg, str(tmp_path))
 
 
-def test_cli_checks_the_sweep_before_it_connects_to_ray(tmp_path):
+def test_cli_checks_the_sweep_before_it_connects_to_ray(run_tool, tmp_path):
     sweep_file = tmp_path / "bad.yaml"
     sweep_file.write_text(yaml.safe_dump({"space": {"SOLVER.NOPE": {"choice": [1, 2]}}}))
-    run = subprocess.run(
-        [sys.executable, "tools/tune_net.py", "--config-file", QUICKSTART, "--sweep", str(sweep_file),
-         "--storage", str(tmp_path / "sweeps"), "--address", "127.0.0.1:1"],
-        capture_output=True, text=True, timeout=120,
+    # Options and overrides in any order: an override before --sweep.
+    run = run_tool(
+        "tune_net.py", "--config-file", QUICKSTART, "SOLVER.MAX_ITER", "10", "--sweep", sweep_file,
+        "--storage", tmp_path / "sweeps", "--address", "127.0.0.1:1",
     )  # fmt: skip
-    assert run.returncode == 2, run.stderr
-    last_line = run.stderr.strip().splitlines()[-1]
-    assert last_line == f"error: {sweep_file}: space: SOLVER.NOPE is not a config key of the base config"
+    assert run.code == 2 and run.error_lines() == [
+        f"error: {sweep_file}: space: SOLVER.NOPE is not a config key of the base config"
+    ]
     assert not (tmp_path / "sweeps").exists()  # nothing started
 
 
-def test_connecting_to_an_address_where_no_head_listens_fails_before_ray_init():
-    with pytest.raises(ConfigError, match="no Ray head answers there"):
-        ray_tune.connect_ray("127.0.0.1:1")
-    assert not ray.is_initialized()
+def test_tune_net_takes_options_and_overrides_in_any_order():
+    tune_net = runpy.run_path("tools/tune_net.py")
+    args = tune_net["parse_args"](
+        ["SOLVER.BASE_LR", "0.01", "--sweep", "s.yaml", "MODEL.RPN.NMS_THRESH", "-1", "--resume", "--name", "n"]
+    )
+    assert (args.sweep, args.resume, args.name) == ("s.yaml", True, "n")
+    assert args.opts == ["SOLVER.BASE_LR", "0.01", "MODEL.RPN.NMS_THRESH", "-1"]
 
 
 def test_optuna_tpe_samples_the_rich_space_including_list_values(quickstart_cfg):
-    s = ray_tune.load_sweep("configs/sweeps/rich_space.yaml")
-    searcher = ray_tune.build_search_algorithm(s)
+    s = sweeps.load_sweep("configs/sweeps/rich_space.yaml")
+    searcher = runner.build_search_algorithm(s)
     assert searcher.set_search_properties(s.metric, s.mode, s.param_space())
-    for trial in range(3):
-        overrides = s.overrides(searcher.suggest(f"trial_{trial}"))
+    for number in range(3):
+        overrides = s.overrides(searcher.suggest(f"trial_{number}"))
         sampled = dict(zip(overrides[0::2], overrides[1::2]))
         assert sampled["MODEL.ANCHOR_GENERATOR.SIZES"] in s.space["MODEL.ANCHOR_GENERATOR.SIZES"].values
         assert 1e-3 <= sampled["SOLVER.BASE_LR"] <= 4e-2
-        cfg = ray_tune.trial_config(quickstart_cfg, overrides, "/tmp/x", cpus=1, use_gpu=False)
+        cfg = trial_config(quickstart_cfg, overrides, "/tmp/x", cpus=1, use_gpu=False)
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == tuple(sampled["INPUT.MIN_SIZE_TRAIN"])

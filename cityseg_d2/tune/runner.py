@@ -65,7 +65,8 @@ def probe_address(address, timeout=PROBE_TIMEOUT_S):
             if e.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise ConfigError(f"--address {address}: the Ray head answers but refuses ({e.code().name})") from e
             if not _token_auth_here():
-                raise ConfigError(f"--address {address}: the Ray head wants its authentication token: {TOKEN_HELP}") from e
+                message = f"--address {address}: the Ray head wants its authentication token: {TOKEN_HELP}"
+                raise ConfigError(message) from e
             return True
     return False
 
@@ -84,7 +85,8 @@ def connect_ray(address=None, num_cpus=None):
         raise ConfigError(f"--address {address}: {e.message}: {TOKEN_HELP}") from e
     except ConnectionError as e:
         if wants_token:
-            raise ConfigError(f"--address {address}: the Ray head did not accept this machine's token: {TOKEN_HELP}") from e
+            message = f"--address {address}: the Ray head did not accept this machine's token: {TOKEN_HELP}"
+            raise ConfigError(message) from e
         raise ConfigError(f"--address {address}: {first_line(e)}") from e
 
 

@@ -1,8 +1,8 @@
 """One trial of a sweep: the base config with the trial's sampled values, trained by our Trainer in a Ray actor.
 
-The trial reports to Tune right after each evaluation with a checkpoint of the detectron2 state, so that ASHA can
-stop it there and a failed or interrupted trial goes on from its last report. Its detectron2 OUTPUT_DIR is
-`<experiment dir>/<trial>/output`.
+The trial reports to Tune right after each evaluation and saves a checkpoint of the detectron2 state there, so that
+ASHA can stop it at that point and a failed or interrupted trial goes on from its last report. Its detectron2
+OUTPUT_DIR is `<experiment dir>/<trial>/output`.
 """
 import argparse
 import contextlib
@@ -10,9 +10,9 @@ import glob
 import json
 import logging
 import os
+import queue
 import shutil
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, default_setup
 from ray import tune
+from ray.tune.result import DONE, SHOULD_CHECKPOINT
 
 from ..engine import Trainer, prepare_config
 from .sweep import Sweep
@@ -33,6 +34,9 @@ TRIAL_OUTPUT = "output"  # a trial's OUTPUT_DIR, inside its trial directory
 TUNE_CHECKPOINT = "tune_checkpoint"
 CHECKPOINT_METRICS = "tune_metrics.json"
 WANDB_RUN_ID = "wandb_run_id"
+STOP_GRACE_S = 120  # how long a stopped trial may take to unwind (finish its W&B run) before its actor exits
+
+logger = logging.getLogger(__name__)
 
 
 def trial_dirname(trial_id):
@@ -71,51 +75,33 @@ def trial_config(base_cfg, overrides, output_dir, cpus, use_gpu, wandb_group="",
 
 
 class TuneReportHook(HookBase):
-    """Reports to Ray Tune right after each evaluation (EvalHook's schedule), with a checkpoint to resume from.
+    """Reports right after each evaluation (EvalHook's schedule) and at the end of training, through `report`.
 
-    The reported metrics are the event storage's latest scalars (losses smoothed as PeriodicWriter prints
-    them, evaluation results as EvalHook stored them, e.g. "segm/AP") plus "iteration", the detectron2
-    iterations done, which is ASHA's time attribute. When Tune stops the trial, tune.report raises SystemExit,
-    which ends training through every hook's after_train.
+    The reported metrics are the event storage's latest scalars (losses smoothed as PeriodicWriter prints them,
+    evaluation results as EvalHook stored them, e.g. "segm/AP") plus "iteration", the detectron2 iterations done,
+    which is ASHA's time attribute. `report(metrics, final)` returns when training may go on.
     """
 
-    def __init__(self, eval_period):
+    def __init__(self, eval_period, report):
         self._period = eval_period
+        self._report = report
 
     def after_step(self):
         next_iter = self.trainer.iter + 1
         if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
-            self._report(next_iter)
+            self._report(self._metrics(next_iter), final=False)
 
     def after_train(self):
         if self.trainer.iter >= self.trainer.max_iter:  # training finished (not an exception)
-            self._report(self.trainer.iter)
+            self._report(self._metrics(self.trainer.iter), final=True)
 
-    def _report(self, iteration):
+    def _metrics(self, iteration):
         metrics = {k: float(v) for k, (v, _) in self.trainer.storage.latest_with_smoothing_hint(20).items()}
-        metrics["iteration"] = iteration
-        output_dir = self.trainer.cfg.OUTPUT_DIR
-        run_ids = glob.glob(os.path.join(glob.escape(output_dir), "**", WANDB_RUN_ID), recursive=True)
-        # Staged in OUTPUT_DIR (on the storage Tune copies it to, rather than a small /tmp).
-        with tempfile.TemporaryDirectory(prefix="tune_checkpoint_", dir=output_dir) as folder:
-            # The trainer's own checkpointables (model, optimizer, scheduler, iteration) in a fresh folder.
-            checkpointer = DetectionCheckpointer(self.trainer.model, folder, **self.trainer.checkpointer.checkpointables)
-            checkpointer.save(TUNE_CHECKPOINT)
-            with open(os.path.join(folder, CHECKPOINT_METRICS), "w") as f:
-                json.dump(metrics, f)
-            for path in run_ids:
-                staged = os.path.join(folder, os.path.relpath(path, output_dir))
-                os.makedirs(os.path.dirname(staged), exist_ok=True)
-                shutil.copy2(path, staged)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        return {**metrics, "iteration": iteration}
 
 
-def restore_checkpoint(checkpoint, output_dir):
-    """Put a Tune checkpoint's files into OUTPUT_DIR (so resume_or_load picks them); returns its metrics."""
-    with checkpoint.as_directory() as folder:
-        shutil.copytree(folder, output_dir, ignore=shutil.ignore_patterns(CHECKPOINT_METRICS), dirs_exist_ok=True)
-        with open(os.path.join(folder, CHECKPOINT_METRICS)) as f:
-            return json.load(f)
+class _StopTraining(BaseException):
+    """Ends training at a report when Tune stops the trial (not an Exception: detectron2 does not log it as one)."""
 
 
 def _setup_trial_logging(cfg, args):
@@ -131,56 +117,112 @@ def _setup_trial_logging(cfg, args):
                     handler.setLevel(logging.WARNING)
 
 
-def run_trial(config, spec):
-    """Ray Tune function trainable: train one trial's sampled `config` of the sweep `spec`.
+class TrialTrainable(tune.Trainable):
+    """One trial as a Tune Trainable (Tune's class API): our Trainer on the base config with the trial's values.
 
-    Tune stops a trial (ASHA) by raising SystemExit in its training thread and letting the actor's process exit.
-    The non-daemon thread below keeps the process (Python waits for such threads before it exits) until training
-    has unwound through detectron2's after_train hooks, which finish the trial's W&B run. Ray gives a stopping
-    actor actor_graceful_shutdown_timeout_ms (30 s by default) before it kills it.
+    detectron2's train() runs to the end, so it runs in a thread that pauses at each report until Tune asks for the
+    next one (step); meanwhile Tune saves a checkpoint (save_checkpoint) and its scheduler decides. When Tune stops
+    the trial (ASHA), cleanup() ends training at the report it paused at and waits until it has unwound through
+    detectron2's after_train hooks, which finish the trial's W&B run, before Ray ends the actor's process.
     """
-    unwound = threading.Event()
-    threading.Thread(target=unwound.wait, name="trial-unwinding", daemon=False).start()
-    try:
-        _train_trial(config, spec)
-    finally:
-        unwound.set()
 
+    def setup(self, config, spec):
+        sweep = spec.sweep
+        output_dir = os.path.join(spec.experiment_dir, trial_dirname(self.trial_id), TRIAL_OUTPUT)
+        cpus = self.trial_resources.required_resources.get("CPU", 1)
+        self.cfg = trial_config(
+            spec.base_cfg,
+            sweep.overrides(config),
+            output_dir,
+            cpus,
+            use_gpu=bool(ray.get_gpu_ids()),
+            wandb_group=sweep.name,
+            wandb_name=self.trial_name,
+        )
+        self._sampled = sweep.sampled_values(config)
+        self._sweep_name = sweep.name
+        self._hooks = spec.hooks
+        torch.set_num_threads(max(1, int(cpus)))
+        args = argparse.Namespace(sweep=sweep.name, trial=self.trial_name, sampled=self._sampled)
+        _setup_trial_logging(self.cfg, args)
+        self._trainer = None
+        self._thread = None
+        self._restored_report = None  # the report saved with the checkpoint the trial was restored from
+        self._last_report = None
+        self._reports = queue.Queue()  # from the training thread: a report, or the exception training ended with
+        self._go_on = threading.Semaphore(0)
+        self._stopping = False
 
-def _train_trial(config, spec):
-    context = tune.get_context()
-    trial_name = context.get_trial_name()
-    output_dir = os.path.join(spec.experiment_dir, os.path.basename(context.get_trial_dir()), TRIAL_OUTPUT)
-    cpus = context.get_trial_resources().required_resources.get("CPU", 1)
-    sweep = spec.sweep
-    sampled = sweep.sampled_values(config)
-    cfg = trial_config(
-        spec.base_cfg,
-        sweep.overrides(config),
-        output_dir,
-        cpus,
-        use_gpu=bool(ray.get_gpu_ids()),
-        wandb_group=sweep.name,
-        wandb_name=trial_name,
-    )
-    torch.set_num_threads(max(1, int(cpus)))
-    _setup_trial_logging(cfg, argparse.Namespace(sweep=sweep.name, trial=trial_name, sampled=sampled))
+    def step(self):
+        if self._thread is None:
+            restored = self._restored_report
+            if restored and restored["iteration"] >= self.cfg.SOLVER.MAX_ITER:
+                return {**restored, DONE: True}  # it had finished before the driver stopped: nothing to redo
+            self._start_training()
+        else:
+            self._go_on.release()
+        report = self._reports.get()
+        if isinstance(report, BaseException):
+            raise report
+        self._last_report = report
+        return {**report, SHOULD_CHECKPOINT: True, DONE: report["iteration"] >= self.cfg.SOLVER.MAX_ITER}
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        metrics = restore_checkpoint(checkpoint, output_dir)
-        if metrics["iteration"] >= cfg.SOLVER.MAX_ITER:  # finished before the driver stopped: nothing to redo
-            tune.report(metrics)
-            return
-    trainer = Trainer(cfg)
-    if trainer.wandb:  # each trial is one W&B run of the group named after the sweep
-        trainer.wandb.extra_config["tune"] = {"sweep": sweep.name, "trial": trial_name, **sampled}
-    trainer.register_hooks([TuneReportHook(cfg.TEST.EVAL_PERIOD), *(make_hook(cfg) for make_hook in spec.hooks)])
-    trainer.resume_or_load(resume=checkpoint is not None)
-    trainer.train()
+    def _start_training(self):
+        self._trainer = Trainer(self.cfg)
+        if self._trainer.wandb:  # each trial is one W&B run of the group named after the sweep
+            tune_info = {"sweep": self._sweep_name, "trial": self.trial_name, **self._sampled}
+            self._trainer.wandb.extra_config["tune"] = tune_info
+        report_hook = TuneReportHook(self.cfg.TEST.EVAL_PERIOD, self._report)
+        self._trainer.register_hooks([report_hook, *(make_hook(self.cfg) for make_hook in self._hooks)])
+        self._trainer.resume_or_load(resume=self._restored_report is not None)
+        self._thread = threading.Thread(target=self._train, name="trial-training", daemon=True)
+        self._thread.start()
+
+    def _train(self):
+        try:
+            self._trainer.train()
+        except _StopTraining:
+            pass
+        except BaseException as e:  # step() raises it in Tune's thread: the trial failed
+            self._reports.put(e)
+
+    def _report(self, metrics, final):
+        """In the training thread: hand the report to step() and wait until Tune wants the next one."""
+        self._reports.put(metrics)
+        self._go_on.acquire()
+        if self._stopping and not final:
+            raise _StopTraining()
+
+    def save_checkpoint(self, checkpoint_dir):
+        # Training is paused at the report step() returned: the trainer's own checkpointables (model, optimizer,
+        # scheduler, iteration), that report, and every wandb_run_id file of OUTPUT_DIR.
+        trainer, output_dir = self._trainer, self.cfg.OUTPUT_DIR
+        checkpointer = DetectionCheckpointer(trainer.model, checkpoint_dir, **trainer.checkpointer.checkpointables)
+        checkpointer.save(TUNE_CHECKPOINT)
+        with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS), "w") as f:
+            json.dump(self._last_report, f)
+        for path in glob.glob(os.path.join(glob.escape(output_dir), "**", WANDB_RUN_ID), recursive=True):
+            saved = os.path.join(checkpoint_dir, os.path.relpath(path, output_dir))
+            os.makedirs(os.path.dirname(saved), exist_ok=True)
+            shutil.copy2(path, saved)
+
+    def load_checkpoint(self, checkpoint_dir):
+        """Put a checkpoint's files into OUTPUT_DIR, where resume_or_load finds them."""
+        ignore = shutil.ignore_patterns(CHECKPOINT_METRICS)
+        shutil.copytree(checkpoint_dir, self.cfg.OUTPUT_DIR, ignore=ignore, dirs_exist_ok=True)
+        with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS)) as f:
+            self._restored_report = json.load(f)
+
+    def cleanup(self):
+        if self._thread is not None and self._thread.is_alive():
+            self._stopping = True
+            self._go_on.release()
+            self._thread.join(timeout=STOP_GRACE_S)
+            if self._thread.is_alive():
+                logger.warning("%s: training did not end within %d s of the stop", self.trial_name, STOP_GRACE_S)
 
 
 def trainable(spec):
     """The Tune trainable of a sweep's trials, holding the sweep's per-trial resources."""
     resources = {"cpu": spec.sweep.cpus_per_trial, "gpu": spec.sweep.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
+    return tune.with_resources(tune.with_parameters(TrialTrainable, spec=spec), resources)
