@@ -59,3 +59,6 @@ def run_cli(fn, *args, **kwargs):
     except UserError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one in it (the first saves a checkpoint)
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

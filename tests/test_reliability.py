@@ -131,6 +131,10 @@ def inputs(tmp_path_factory, synthetic_root):
     annotation = sorted((folder / "corrupt_json" / "gtFine" / "train").rglob("*_polygons.json"))[-1]
     annotation.write_text(annotation.read_text()[:-20])
     (folder / "a_file").write_text("a file, not a folder\n")
+    (folder / "not_an_image.png").write_text("not an image\n")
+    sweep = (REPO / "configs/sweeps/student_project_space.yaml").read_text()
+    (folder / "bad_metric_sweep.yaml").write_text(sweep.replace("metric: segm/AP ", "metric: segm/APP "))
+    (folder / "unknown_key_sweep.yaml").write_text(sweep.replace("SOLVER.MOMENTUM:", "SOLVER.MOMENTUMS:"))
     return folder
 
 
@@ -205,6 +209,98 @@ def test_train_net_bad_input_is_one_line_and_touches_nothing(
     assert_one_line_error(result, expected.format(**fill))
     assert (snapshot(finished_dir), snapshot(inputs)) == before  # no marker either: no code ran
     assert not (tmp_path / "new_output").exists()
+
+
+# predict.py: (id, arguments, the error line's start); the weights are those of finished_dir unless a case overrides them
+PREDICT_CASES = [
+    ("missing weights", ["--opts", "MODEL.WEIGHTS", "{inputs}/none.pth"], "MODEL.WEIGHTS file not found: {inputs}/none.pth"),
+    ("text weights", ["--opts", "MODEL.WEIGHTS", "{inputs}/text.pth"], "MODEL.WEIGHTS '{inputs}/text.pth' could not be loaded (not a PyTorch checkpoint)"),
+    ("pickle weights", ["--opts", "MODEL.WEIGHTS", "{inputs}/evil.pkl"], "MODEL.WEIGHTS {inputs}/evil.pkl is a pickle"),
+    ("objects in .pth", ["--opts", "MODEL.WEIGHTS", "{inputs}/evil.pth"], "MODEL.WEIGHTS '{inputs}/evil.pth' could not be loaded (it holds Python objects"),
+    ("other architecture", ["--opts", "MODEL.WEIGHTS", "{inputs}/other_architecture.pth"], "MODEL.WEIGHTS {inputs}/other_architecture.pth does not fit this model"),
+    ("tagged config", ["--config-file", "{inputs}/tagged.yaml"], "{inputs}/tagged.yaml: refused: could not determine a constructor"),
+    ("output is a file", ["--output", "{inputs}/a_file"], "--output {inputs}/a_file"),
+    ("no image", ["--input", "{inputs}/not_an_image.png"], "--input {inputs}/not_an_image.png: none of the 1 files could be read as an image"),
+    ("no input", ["--input", "{inputs}/nowhere/*.png"], "--input {inputs}/nowhere/*.png: no image files"),
+    ("threshold", ["--confidence-threshold", "2"], "--confidence-threshold 2.0: must be between 0 and 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, arguments, expected", PREDICT_CASES, ids=[c[0] for c in PREDICT_CASES])
+def test_predict_bad_input_is_one_line_and_touches_nothing(case, arguments, expected, run_tool, inputs, finished_dir, synthetic_root, tmp_path):
+    output = tmp_path / "predictions"
+    output.mkdir()
+    (output / "earlier.json").write_text("{}")  # what an earlier run left
+    image = sorted(Path(synthetic_root, "leftImg8bit", "val").rglob("*.png"))[0]
+    options = {"--config-file": QUICKSTART, "--input": str(image), "--output": str(output)}
+    opts = ["--opts", *SMALL, "MODEL.WEIGHTS", str(finished_dir / "model_final.pth")]
+    fill = dict(inputs=inputs)
+    arguments = [a.format(**fill) for a in arguments]
+    if arguments[0] == "--opts":
+        opts += arguments[1:]
+    else:
+        options[arguments[0]] = arguments[1]
+    earlier, before = snapshot(output), (snapshot(inputs), snapshot(finished_dir))
+    result = run_tool("predict.py", *[x for option in options.items() for x in option], *opts)
+    assert_one_line_error(result, expected.format(**fill))
+    assert {name: snapshot(output).get(name) for name in earlier} == earlier
+    assert (snapshot(inputs), snapshot(finished_dir)) == before
+
+
+# tune_net.py: (id, arguments, the error line's start); KEY VALUE overrides come first on purpose (any order works)
+TUNE_NET_CASES = [
+    ("no sweep file", [], "no sweep file given: pass --sweep"),
+    ("missing sweep file", ["--sweep", "{inputs}/none.yaml"], "sweep file not found: {inputs}/none.yaml"),
+    ("sweep metric", ["--sweep", "{inputs}/bad_metric_sweep.yaml"], "{inputs}/bad_metric_sweep.yaml: metric 'segm/APP'"),
+    ("sweep key", ["--sweep", "{inputs}/unknown_key_sweep.yaml"], "{inputs}/unknown_key_sweep.yaml: "),
+    ("tagged config", ["--sweep", "{student}", "--config-file", "{inputs}/tagged.yaml"], "{inputs}/tagged.yaml: refused"),
+    ("not a Ray server", ["--sweep", "{student}", "--address", "127.0.0.1:{port}"], "--address 127.0.0.1:{port}: "),
+]  # fmt: skip
+
+
+@pytest.fixture
+def not_a_ray_server():
+    """A TCP port where a server answers, but not Ray's: it says hello and hangs up."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.5)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.mark.parametrize("case, arguments, expected", TUNE_NET_CASES, ids=[c[0] for c in TUNE_NET_CASES])
+def test_tune_net_bad_input_is_one_line_and_touches_nothing(case, arguments, expected, run_tool, inputs, not_a_ray_server, tmp_path):
+    storage = tmp_path / "sweeps"
+    storage.mkdir()
+    (storage / "earlier.csv").write_text("trial,segm/AP\n")  # what an earlier sweep left
+    fill = dict(inputs=inputs, port=not_a_ray_server, student=REPO / "configs/sweeps/student_project_space.yaml")
+    arguments = [a.format(**fill) for a in arguments]
+    config = [] if "--config-file" in arguments else ["--config-file", QUICKSTART]
+    before = snapshot(storage), snapshot(inputs)
+    signal.alarm(120)  # a probe that hangs fails the test instead of the suite
+    try:
+        result = run_tool("tune_net.py", "SOLVER.MAX_ITER", "6000", *config, *arguments, "--storage", storage)
+    finally:
+        signal.alarm(0)
+    assert_one_line_error(result, expected.format(**fill))
+    assert (snapshot(storage), snapshot(inputs)) == before
 
 
 def test_the_malicious_inputs_do_run_code_when_loaded_unsafely(inputs, tmp_path):
@@ -363,12 +459,15 @@ class Training:
     def log(self):
         return self.log_path.read_text() if self.log_path.exists() else ""
 
-    def wait_for(self, text, timeout=300):
+    def wait_for(self, ready, timeout=300):
+        """Until ready() (or, for a string, until the log holds it)."""
+        if isinstance(ready, str):
+            text, ready = ready, lambda: text in self.log()
         deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert self.process.is_alive(), f"ended ({self.process.exitcode}) before {text!r}:\n{self.log()[-3000:]}"
-            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{self.log()[-3000:]}"
-            time.sleep(0.2)
+        while not ready():
+            assert self.process.is_alive(), f"ended ({self.process.exitcode}) too soon:\n{self.log()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready after {timeout} s:\n{self.log()[-3000:]}"
+            time.sleep(0.1)
 
 
 def error_lines(text):
@@ -378,9 +477,9 @@ def error_lines(text):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_and_a_second_writer_is_refused(signum, synthetic_datasets_dir, run_tool, tmp_path):
     output_dir = tmp_path / "output"
-    argv = train_args(output_dir, "SOLVER.MAX_ITER", 1000, "SOLVER.CHECKPOINT_PERIOD", 1000, *NO_EVALUATION)
+    argv = train_args(output_dir, "SOLVER.MAX_ITER", 1000, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION)
     training = Training(argv, synthetic_datasets_dir, tmp_path / "train.log")
-    training.wait_for(" iter: 19 ")  # the first metrics line: training is under way
+    training.wait_for((output_dir / "model_0000001.pth").exists)  # training is under way
     if signum == signal.SIGTERM:
         second = run_tool("train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", 1000, flags=["--resume"]))
         assert_one_line_error(second, f"OUTPUT_DIR {output_dir} is in use by another run (pid {training.process.pid} on ")
@@ -390,10 +489,10 @@ def test_a_signal_saves_a_checkpoint_and_a_second_writer_is_refused(signum, synt
     name = signal.Signals(signum).name
     assert line.startswith(f"error: {name} stopped training after iteration ") and " --resume " in line, line
     assert "Traceback" not in training.log()
-    (checkpoint,) = output_dir.glob("model_*.pth")
+    checkpoint = output_dir / (output_dir / "last_checkpoint").read_text()
     iteration = checkpoint_iteration(checkpoint)
+    assert checkpoint.name == f"model_{iteration:07d}.pth" and iteration >= 1
     assert line.startswith(f"error: {name} stopped training after iteration {iteration + 1} of 1000, saved in {checkpoint};")
-    assert (output_dir / "last_checkpoint").read_text() == checkpoint.name
     resumed = run_tool("train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", iteration + 2, *NO_EVALUATION, flags=["--resume"]))
     assert resumed.code == 0, resumed.err[-3000:]
     assert f"Starting training from iteration {iteration + 1}" in resumed.out + resumed.err
