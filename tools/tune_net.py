@@ -14,10 +14,11 @@ On this machine (Ray starts here; one GPU per trial if there are GPUs, else the 
   python tools/tune_net.py --config-file configs/student_project/mask_rcnn_R_101_FPN_cityscapes10.yaml \\
       --sweep configs/sweeps/student_project_space.yaml --resume      # continue it after an interruption
 
-On a Ray cluster (token authentication, Ray's default; see README, "Hyperparameter sweeps"): start the head,
-then every worker from the repository root with the same venv and data paths, each node holding the head's
+On a Ray cluster with token authentication (see README, "Hyperparameter sweeps"): start the head, then every
+worker from the repository root with the same venv and data paths, every machine holding the head's
 ~/.ray/auth_token, and point --storage at a directory all nodes share (NFS):
 
+  ray get-auth-token --generate                                  # on the head node, once
   RAY_AUTH_MODE=token ray start --head --port=6379               # on the head node
   RAY_AUTH_MODE=token ray start --address=HEAD_IP:6379           # on each worker node
   RAY_AUTH_MODE=token python tools/tune_net.py --address HEAD_IP:6379 --storage /shared/sweeps \\

@@ -24,10 +24,10 @@ SAVED_BASE_CONFIG = "base_config.yaml"
 # Trials run in the driver's working directory (local) or where `ray start` ran (cluster), as train_net
 # would, so relative paths in configs (datasets, weights) mean the same thing.
 RAY_RUNTIME_ENV = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
-# How a driver joins a cluster whose head has token authentication on (Ray's default since 2.60).
-TOKEN_HELP = (
-    "set RAY_AUTH_MODE=token here and give this machine the head's token: copy the head's ~/.ray/auth_token "
-    "(or point RAY_AUTH_TOKEN_PATH at a copy, or set RAY_AUTH_TOKEN)"
+# Where a driver finds the token of a cluster whose head has token authentication on (Ray's default since 2.60).
+TOKEN_SOURCES = (
+    "copy the head's ~/.ray/auth_token to this machine's ~/.ray/auth_token (or point RAY_AUTH_TOKEN_PATH at a copy, "
+    "or set RAY_AUTH_TOKEN)"
 )
 # The address probe speaks gRPC to the Ray head's GCS: the standard gRPC health check answers whoever asks, and
 # GetClusterId, the first call of ray.init, is refused (UNAUTHENTICATED) without the cluster's token.
@@ -65,8 +65,8 @@ def probe_address(address, timeout=PROBE_TIMEOUT_S):
             if e.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise ConfigError(f"--address {address}: the Ray head answers but refuses ({e.code().name})") from e
             if not _token_auth_here():
-                message = f"--address {address}: the Ray head wants its authentication token: {TOKEN_HELP}"
-                raise ConfigError(message) from e
+                fix = f"set RAY_AUTH_MODE=token and {TOKEN_SOURCES}"
+                raise ConfigError(f"--address {address}: the Ray head wants a token: {fix}") from e
             return True
     return False
 
@@ -82,10 +82,11 @@ def connect_ray(address=None, num_cpus=None):
     try:
         ray.init(address=address, runtime_env=RAY_RUNTIME_ENV)
     except AuthenticationError as e:  # token mode on here, but no token found
-        raise ConfigError(f"--address {address}: {e.message}: {TOKEN_HELP}") from e
+        message = f"--address {address}: RAY_AUTH_MODE is token but this machine has no token: {TOKEN_SOURCES}"
+        raise ConfigError(message) from e
     except ConnectionError as e:
         if wants_token:
-            message = f"--address {address}: the Ray head did not accept this machine's token: {TOKEN_HELP}"
+            message = f"--address {address}: the Ray head refused this machine's token: {TOKEN_SOURCES}"
             raise ConfigError(message) from e
         raise ConfigError(f"--address {address}: {first_line(e)}") from e
 
