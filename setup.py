@@ -21,6 +21,8 @@ setup(
         "opencv-python-headless>=4.8",
         "Pillow>=9",
         "ray[tune]>=2.9",
+        # cityseg_d2.tune probes a Ray head's address over gRPC (Ray itself depends on it).
+        "grpcio",
         # wandb.login(prompt=False), used to tell online from offline, came with 0.31.
         "wandb>=0.31",
         "optuna>=3.0",
