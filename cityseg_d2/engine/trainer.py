@@ -109,6 +109,7 @@ class Trainer(DefaultTrainer):
     def build_writers(self):
         """detectron2's default writers, with metrics.json written by MetricsWriter (strict JSON)."""
         output_dir = self.cfg.OUTPUT_DIR
+        os.makedirs(output_dir, exist_ok=True)
         writers = [
             CommonMetricPrinter(self.max_iter),
             MetricsWriter(os.path.join(output_dir, "metrics.json")),
