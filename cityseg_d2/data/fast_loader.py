@@ -63,9 +63,6 @@ class DevicePrefetcher:
         self.loader = loader
         self.device = torch.device(device)
 
-    def __len__(self):
-        return len(self.loader)
-
     def __iter__(self):
         batches = iter(self.loader)
         if self.device.type != "cuda":

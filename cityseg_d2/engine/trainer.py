@@ -4,13 +4,16 @@ import logging
 import os
 import weakref
 
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 
+from ..data.fast_loader import build_fast_train_loader
 from ..errors import ConfigError, TrainingDivergedError, UserError, first_line
 from ..evaluation import build_evaluator
 from ..integrations import wandb_enabled
+from ..modeling import build_fast_model, inference_autocast
 from .checkpoint import (
     FINAL_CHECKPOINT,
     UNREADABLE,
@@ -20,6 +23,7 @@ from .checkpoint import (
     weights_error,
 )
 from .hooks import EvalHook, MetricsWriter, StopOnSignal, drop_metrics_from
+from .train_loop import build_train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,27 @@ class Trainer(DefaultTrainer):
 
     resume_hint = "continue from it with --resume"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # The fast path's training step (engine/train_loop.py) where the config asks for it.
+        loop = self._trainer
+        self._trainer = build_train_loop(cfg, loop.model, loop.data_loader, loop.optimizer)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_fast_model(cfg)  # detectron2's build_model plus CITYSEG.FAST.CHANNELS_LAST / COMPILE
+        logger.info(f"Model:\n{model}")
+        return model
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, batch_size=cfg.CITYSEG.FAST.TEST_BATCH_SIZE)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        with inference_autocast(cfg):  # CITYSEG.FAST.TEST_PRECISION
+            return super().test(cfg, model, evaluators)
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -63,7 +88,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         try:
-            return super().build_train_loader(cfg)
+            return build_fast_train_loader(cfg) if cfg.CITYSEG.FAST.DATA else super().build_train_loader(cfg)
         except AssertionError as e:  # detectron2 asserts on empty data sets ("Dataset '...' is empty!")
             raise ConfigError(f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}: {e}") from e
 

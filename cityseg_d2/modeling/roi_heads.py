@@ -55,6 +55,11 @@ class BatchedFastRCNNOutputLayers(FastRCNNOutputLayers):
             loss = torch.nn.functional.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="none")
         return (loss * foreground[:, None]).sum() / max(gt_classes.numel(), 1.0)
 
+    def predict_probs(self, predictions, proposals):
+        """Class probabilities in float32 also under autocast (CPU autocast keeps softmax in bfloat16)."""
+        scores, deltas = predictions
+        return super().predict_probs((scores.float(), deltas), proposals)
+
     def inference(self, predictions, proposals):
         if self.nms_method != "grouped" or not len(proposals):
             return super().inference(predictions, proposals)

@@ -17,6 +17,7 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 
+from ..errors import ConfigError
 from .metrics import put_scalars
 from .nms import grouped_nms
 from .sampling import match, pad_boxes, sample
@@ -40,7 +41,7 @@ class BatchedRPN(RPN):
     def __init__(self, *, nms_method="torchvision", **kwargs):
         super().__init__(**kwargs)
         if nms_method not in NMS_METHODS:
-            raise ValueError(f"CITYSEG.FAST.NMS is {nms_method!r}: use one of {', '.join(NMS_METHODS)}")
+            raise ConfigError(f"CITYSEG.FAST.NMS is {nms_method!r}: use one of {', '.join(NMS_METHODS)}")
         self.nms_method = nms_method
 
     @classmethod
