@@ -22,7 +22,7 @@ import yaml
 from cityseg_d2.engine.setup import load_config
 from cityseg_d2 import tune as sweeps
 from cityseg_d2.tune.runner import SAVED_SWEEP
-from cityseg_d2.tune.trial import WANDB_RUN_ID
+from cityseg_d2.integrations import WANDB_RUN_ID_FILE
 from test_wandb import OfflineRun  # reads an offline W&B run with `wandb leet inspect`
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_trials_report_losses_and_the_fast_evaluators_results_at_each_evaluation
         history = result.metrics_dataframe
         assert list(history["iteration"]) in ([4], [4, 8])  # detectron2 iterations at each evaluation
         assert {"total_loss", "loss_mask", "segm/AP", "segm/AP50", "segm/matterport_AP50"} <= set(history.columns)
-        run_id = [WANDB_RUN_ID] if os.path.exists(os.path.join(result.path, "output", WANDB_RUN_ID)) else []
+        run_id = [WANDB_RUN_ID_FILE] if os.path.exists(os.path.join(result.path, "output", WANDB_RUN_ID_FILE)) else []
         expected = ["last_checkpoint", "tune_checkpoint.pth", "tune_metrics.json", *run_id]
         assert sorted(os.listdir(result.checkpoint.path)) == sorted(expected)
 

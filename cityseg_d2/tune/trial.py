@@ -25,6 +25,7 @@ from ray import tune
 from ray.tune.result import DONE, SHOULD_CHECKPOINT
 
 from ..engine import Trainer, prepare_config
+from ..integrations import WANDB_RUN_ID_FILE
 from .sweep import Sweep
 
 TRIAL_OUTPUT = "output"  # a trial's OUTPUT_DIR, inside its trial directory
@@ -33,7 +34,6 @@ TRIAL_OUTPUT = "output"  # a trial's OUTPUT_DIR, inside its trial directory
 # wandb_run_id file of OUTPUT_DIR (the W&B run a restored trial continues, also on another node).
 TUNE_CHECKPOINT = "tune_checkpoint"
 CHECKPOINT_METRICS = "tune_metrics.json"
-WANDB_RUN_ID = "wandb_run_id"
 STOP_GRACE_S = 120  # how long a stopped trial may take to unwind (finish its W&B run) before its actor exits
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class TrialTrainable(tune.Trainable):
         checkpointer.save(TUNE_CHECKPOINT)
         with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS), "w") as f:
             json.dump(self._last_report, f)
-        for path in glob.glob(os.path.join(glob.escape(output_dir), "**", WANDB_RUN_ID), recursive=True):
+        for path in glob.glob(os.path.join(glob.escape(output_dir), "**", WANDB_RUN_ID_FILE), recursive=True):
             saved = os.path.join(checkpoint_dir, os.path.relpath(path, output_dir))
             os.makedirs(os.path.dirname(saved), exist_ok=True)
             shutil.copy2(path, saved)
