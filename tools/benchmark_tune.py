@@ -101,6 +101,7 @@ def main(args):
           f"ASHA grace {args.grace}, reduction factor {args.reduction_factor}; {args.config_file}")  # fmt: skip
     print(format_table([{"": key, **{arm: figures[arm][key] for arm in figures}} for key in figures["full grid"]]))
     print(f"Experiments: {os.path.abspath(args.storage)}/{{{grid.name},{asha.name}}}")
+    print("Load average at the end (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
 
 
 if __name__ == "__main__":
