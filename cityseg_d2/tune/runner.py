@@ -63,7 +63,7 @@ def probe_address(address, timeout=PROBE_TIMEOUT_S):
             channel.unary_unary(_GET_CLUSTER_ID)(b"", timeout=timeout)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAUTHENTICATED:
-                raise ConfigError(f"--address {address}: the Ray head answers but refuses ({e.code().name})") from e
+                return False  # anything else is for ray.init to judge
             if not _token_auth_here():
                 fix = f"set RAY_AUTH_MODE=token and {TOKEN_SOURCES}"
                 raise ConfigError(f"--address {address}: the Ray head wants a token: {fix}") from e
