@@ -277,3 +277,22 @@ def test_batched_predictor_gives_default_predictors_detections(stock, synthetic_
     actual = [out["instances"] for out in build_batched_predictor(batched)(images)]
     assert len(actual) == 3
     assert_same_detections(expected, actual)
+
+
+@pytest.mark.parametrize(
+    "opts, key",
+    [
+        (["MODEL.PROPOSAL_GENERATOR.NAME", "BatchedRPN", "CITYSEG.FAST.NMS", "fastest"], "CITYSEG.FAST.NMS"),
+        (["MODEL.ROI_HEADS.NAME", "BatchedROIHeads", "CITYSEG.FAST.NMS", "fastest"], "CITYSEG.FAST.NMS"),
+        (["CITYSEG.FAST.TEST_PRECISION", "fp8"], "CITYSEG.FAST.TEST_PRECISION"),
+    ],
+)
+def test_bad_fast_path_values_are_one_line_config_errors(opts, key):
+    with pytest.raises(ConfigError, match=f"^{key} is 'f[a-z0-9]+': use one of "):
+        build_fast_model(config(*opts))
+
+
+def test_bad_amp_precision_is_a_config_error(stock):
+    model, batch = stock
+    with pytest.raises(ConfigError, match="^SOLVER.AMP.PRECISION is 'half': use float16 or bfloat16"):
+        build_train_loop(config("SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "half"), model, ListLoader(batch), None)

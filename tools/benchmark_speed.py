@@ -37,6 +37,8 @@ import time
 
 import numpy as np
 import torch
+
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
 from detectron2.data.detection_utils import read_image
 from detectron2.data.samplers import TrainingSampler

@@ -4,7 +4,8 @@
 # Here (a machine with PyPI, from the repository root), once:
 #   bash tools/gpu_check.sh prepare
 # puts into .gpu/ (git-ignored through .git/info/exclude) the Python 3.12 wheels the GPU machine lacks (the repacked
-# detectron2, its pure-Python dependencies, pycocotools, shapely, cityscapesscripts) and ../shared/bench/gpu_anchor.py.
+# detectron2, its pure-Python dependencies, pycocotools, shapely, cityscapesscripts; the versions of .venv) and
+# ../shared/bench/gpu_anchor.py, about 5 MB.
 # Then on the GPU machine (the device tool's run, carry [".gpu"], timeout 600):
 #   bash tools/gpu_check.sh
 # runs in under 10 minutes, each step with its own time limit, all output in $OUT/steps.log (default
@@ -21,13 +22,16 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = prepare ]; then
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-    mkdir -p .gpu/wheels
+    rm -rf .gpu/wheels && mkdir -p .gpu/wheels
     cp ../shared/bench/gpu_anchor.py .gpu/
     cp .cache/setup/sal_detectron2-*.whl .gpu/wheels/ || { echo "no .cache/setup/sal_detectron2 wheel: run make setup first"; exit 1; }
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .gpu/wheels fvcore iopath yacs termcolor omegaconf hydra-core antlr4-python3-runtime==4.9.3 \
-        pycocotools shapely cityscapesscripts pyquaternion coloredlogs humanfriendly appdirs
+        -d .gpu/wheels iopath==0.1.9 yacs==0.1.8 termcolor==3.3.0 omegaconf==2.3.1 hydra-core==1.3.8 \
+        pycocotools==2.0.11 shapely==2.2.0 cityscapesscripts==2.3.0 pyquaternion==0.9.9 coloredlogs==15.0.1 \
+        humanfriendly==10.0 appdirs==1.4.4 || exit 1
+    # Published as source only; pure Python, so a wheel built here installs there.
+    python3 -m pip wheel -q --no-deps -w .gpu/wheels fvcore==0.1.5.post20221221 antlr4-python3-runtime==4.9.3 || exit 1
     ls .gpu/wheels && du -sh .gpu
     exit 0
 fi
@@ -77,7 +81,9 @@ python3 tools/make_synthetic_cityscapes.py --out "$DATA/datasets/cityscapes_synt
     --width 1024 --height 512 --instances 12 --workers 8 >> "$LOG" 2>&1
 export DETECTRON2_DATASETS=$DATA/datasets
 FAST=configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic_fast.yaml
-SMOKE=(MODEL.DEVICE cuda OUTPUT_DIR "$DATA/smoke" SOLVER.IMS_PER_BATCH 4 DATALOADER.NUM_WORKERS 4)
+# grouped NMS and channels_last too: switches the benchmarks above leave off, run here once on a GPU.
+SMOKE=(MODEL.DEVICE cuda OUTPUT_DIR "$DATA/smoke" SOLVER.IMS_PER_BATCH 4 DATALOADER.NUM_WORKERS 4 CITYSEG.FAST.NMS grouped
+       CITYSEG.FAST.CHANNELS_LAST True)
 step smoke_train 80 python3 tools/train_net.py --config-file $FAST "${SMOKE[@]}" SOLVER.MAX_ITER 20 \
     TEST.EVAL_PERIOD 20 SOLVER.CHECKPOINT_PERIOD 20
 step smoke_eval_only 45 python3 tools/train_net.py --config-file $FAST --eval-only "${SMOKE[@]}" \

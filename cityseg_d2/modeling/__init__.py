@@ -9,7 +9,8 @@ from .metrics import deferred_scalars, put_scalars
 from .model import autocast_dtype, build_fast_model
 from .predictor import BatchedPredictor, build_batched_predictor, inference_autocast
 from .roi_heads import BatchedROIHeads
-from .rpn import NMS_METHODS, BatchedRPN
+from .nms import NMS_METHODS
+from .rpn import BatchedRPN
 
 __all__ = [
     "BatchedPredictor",

@@ -10,6 +10,17 @@ fixed point after 4, 8, 16, ... rounds, so a batch costs a few syncs instead of 
 """
 import torch
 
+from ..errors import ConfigError
+
+# CITYSEG.FAST.NMS: detectron2's torchvision call per image, or grouped_nms over the whole batch.
+NMS_METHODS = ("torchvision", "grouped")
+
+
+def check_nms_method(name):
+    if name not in NMS_METHODS:
+        raise ConfigError(f"CITYSEG.FAST.NMS is {name!r}: use one of {', '.join(NMS_METHODS)}")
+    return name
+
 # Groups x K x K IoU elements computed at once (float32 temporaries of a chunk stay under ~1 GB).
 _CHUNK_ELEMENTS = 1 << 26
 

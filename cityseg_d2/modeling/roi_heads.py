@@ -4,7 +4,8 @@ Same parameters and rules as detectron2's: proposals (with the ground-truth boxe
 Matcher, random foreground/background samples in its proportions, its box losses and statistics. Each image's
 sample comes back foreground first (as detectron2's), so the mask head takes the first `num_foreground` of each
 image without another selection. The batch costs one host sync for sampling (the sample sizes) instead of
-several per image, and the statistics go through `put_scalars`.
+several per image, each ROI pooling one instead of one per pyramid level (LevelSortedPooling), and the
+statistics go through `put_scalars`.
 """
 import torch
 from detectron2.layers import cat, cross_entropy
@@ -15,8 +16,9 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_r
 from detectron2.structures import Boxes, Instances
 
 from .metrics import put_scalars
-from .nms import grouped_nms
-from .rpn import image_sizes_tensor
+from .nms import check_nms_method, grouped_nms
+from .poolers import LevelSortedPooling
+from .rpn import host_values_to
 from .sampling import match, pad_boxes, sample
 
 
@@ -26,7 +28,7 @@ class BatchedFastRCNNOutputLayers(FastRCNNOutputLayers):
 
     def __init__(self, cfg, input_shape):
         super().__init__(cfg, input_shape)
-        self.nms_method = cfg.CITYSEG.FAST.NMS
+        self.nms_method = check_nms_method(cfg.CITYSEG.FAST.NMS)
 
     def losses(self, predictions, proposals):
         if self.box_reg_loss_type != "smooth_l1" or self.use_sigmoid_ce or not len(proposals):
@@ -106,10 +108,10 @@ def batched_fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_t
     for i, (b, s) in enumerate(zip(boxes, scores)):
         padded_scores[i, : len(s)] = s
         padded_boxes[i, : len(b)] = b.view(len(b), -1, 4)  # class-agnostic boxes broadcast to every class
-    real = torch.arange(most, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    real = torch.arange(most, device=device)[None, :] < host_values_to(counts, device, torch.int64)[:, None]
     finite = torch.isfinite(padded_boxes).all(dim=(2, 3)) & torch.isfinite(padded_scores).all(dim=2)
     padded_scores = padded_scores[..., :-1]
-    sizes = image_sizes_tensor(image_shapes, device)
+    sizes = host_values_to(image_shapes, device)
     height, width = sizes[:, 0, None, None], sizes[:, 1, None, None]
     x0, y0, x1, y1 = padded_boxes.unbind(-1)
     padded_boxes = torch.stack(
@@ -151,7 +153,15 @@ class BatchedROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
+        ret["box_pooler"] = LevelSortedPooling(ret["box_pooler"])
         ret["box_predictor"] = BatchedFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret
+
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        ret = super()._init_mask_head(cfg, input_shape)
+        if ret.get("mask_pooler") is not None:
+            ret["mask_pooler"] = LevelSortedPooling(ret["mask_pooler"])
         return ret
 
     def forward(self, images, features, proposals, targets=None):

@@ -17,20 +17,17 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 
-from ..errors import ConfigError
 from .metrics import put_scalars
-from .nms import grouped_nms
+from .nms import check_nms_method, grouped_nms
 from .sampling import match, pad_boxes, sample
 
-NMS_METHODS = ("torchvision", "grouped")
-
-
-def image_sizes_tensor(image_sizes, device):
-    """(B, 2) float tensor of (height, width), copied to the device without waiting for it."""
-    sizes = torch.tensor(image_sizes, dtype=torch.float32)
+def host_values_to(values, device, dtype=torch.float32):
+    """A tensor of host values (e.g. image sizes) on `device`, copied without waiting for the device (a plain
+    copy from pageable memory waits for everything queued before it)."""
+    tensor = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
-        return sizes.pin_memory().to(device, non_blocking=True)
-    return sizes.to(device)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
@@ -40,9 +37,7 @@ class BatchedRPN(RPN):
     @configurable
     def __init__(self, *, nms_method="torchvision", **kwargs):
         super().__init__(**kwargs)
-        if nms_method not in NMS_METHODS:
-            raise ConfigError(f"CITYSEG.FAST.NMS is {nms_method!r}: use one of {', '.join(NMS_METHODS)}")
-        self.nms_method = nms_method
+        self.nms_method = check_nms_method(nms_method)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -97,15 +92,16 @@ class BatchedRPN(RPN):
     def predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes):
         proposals = self._decode_proposals(anchors, pred_anchor_deltas)
         pre_nms_topk = self.pre_nms_topk[self.training]
-        boxes, scores, levels = [], [], []
+        boxes, scores, levels, counts = [], [], [], []
         for level, (proposals_i, logits_i) in enumerate(zip(proposals, pred_objectness_logits)):
             k = min(logits_i.shape[1], pre_nms_topk)
             top_scores, top = logits_i.topk(k, dim=1)
             boxes.append(proposals_i.gather(1, top[..., None].expand(-1, -1, 4)))
             scores.append(top_scores)
             levels.append(torch.full((k,), level, dtype=torch.int64, device=top.device))
+            counts.append(k)
         boxes, scores, levels = cat(boxes, dim=1), cat(scores, dim=1), cat(levels)
-        sizes = image_sizes_tensor(image_sizes, boxes.device)
+        sizes = host_values_to(image_sizes, boxes.device)  # (B, 2): height, width
         # Boxes.clip, then nonempty(min_box_size); non-finite boxes are dropped as detectron2 does at inference
         # (in training a non-finite prediction also makes the losses non-finite, which stops training).
         height, width = sizes[:, 0, None], sizes[:, 1, None]
@@ -118,7 +114,7 @@ class BatchedRPN(RPN):
         boxes = torch.where(valid[..., None], boxes, torch.zeros_like(boxes))
         scores = torch.where(valid, scores, torch.full_like(scores, -float("inf")))
         if self.nms_method == "grouped":
-            keep = self._grouped_keep(boxes, valid, levels, len(proposals))
+            keep = self._grouped_keep(boxes, valid, counts)
         else:
             keep = self._torchvision_keep(boxes, scores, valid, levels, len(proposals))
         return self._top_kept(boxes, scores, keep, image_sizes)
@@ -131,20 +127,14 @@ class BatchedRPN(RPN):
             keep[i, kept] = True
         return keep & valid
 
-    def _grouped_keep(self, boxes, valid, levels, num_levels):
+    def _grouped_keep(self, boxes, valid, counts):
         """grouped_nms over (image, level) groups; each level's boxes are already sorted by score (top-k)."""
-        counts = torch.bincount(levels, minlength=num_levels).tolist()
         size = max(counts)
-        keep = []
-        for level_boxes, level_valid in zip(boxes.split(counts, dim=1), valid.split(counts, dim=1)):
-            pad = size - level_boxes.shape[1]
-            keep.append((
-                torch.nn.functional.pad(level_boxes, (0, 0, 0, pad)),
-                torch.nn.functional.pad(level_valid, (0, pad)),
-            ))
-        grouped_boxes = torch.stack([b for b, _ in keep], dim=1).flatten(0, 1)  # (B * L, K, 4)
-        grouped_valid = torch.stack([v for _, v in keep], dim=1).flatten(0, 1)
-        kept = grouped_nms(grouped_boxes, grouped_valid, self.nms_thresh).view(boxes.shape[0], num_levels, size)
+        pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, 0, n) if t.dim() == 3 else (0, n))  # noqa: E731
+        grouped_boxes = torch.stack([pad(b, size - b.shape[1]) for b in boxes.split(counts, dim=1)], dim=1)
+        grouped_valid = torch.stack([pad(v, size - v.shape[1]) for v in valid.split(counts, dim=1)], dim=1)
+        kept = grouped_nms(grouped_boxes.flatten(0, 1), grouped_valid.flatten(0, 1), self.nms_thresh)
+        kept = kept.view(boxes.shape[0], len(counts), size)
         return cat([kept[:, level, :count] for level, count in enumerate(counts)], dim=1)
 
     def _top_kept(self, boxes, scores, keep, image_sizes):
