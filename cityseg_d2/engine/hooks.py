@@ -1,7 +1,7 @@
 """The Trainer's hooks and writer where detectron2's defaults lose work or write what readers reject.
 
-- EvalHook: detectron2's, but the evaluation after training runs only when every iteration ran (not after an error
-  or a stop on a signal in the last one) and is logged at the last iteration, like the final checkpoint.
+- EvalHook: detectron2's, but the evaluation after training runs in the last iteration and is logged at it, like the
+  final checkpoint.
 - StopOnSignal: SIGTERM (clusters and Ray send it before preemption) or SIGINT (Ctrl-C) saves a checkpoint at the
   current iteration and stops training with one line saying how to resume.
 - MetricsWriter: metrics.json as valid JSON lines (NaN and inf as null), every scalar at its own iteration.
@@ -23,15 +23,22 @@ logger = logging.getLogger(__name__)
 
 
 class EvalHook(hooks.EvalHook):
-    """detectron2's EvalHook; after training it evaluates only when the loop finished (detectron2 also does after a
-    failure in the last iteration) and logs the results at the last iteration (detectron2: one past it)."""
+    """detectron2's EvalHook, except that the evaluation after the last iteration runs in that iteration's
+    after_step: every writer logs it at that iteration, like the model_final.pth saved there (detectron2 runs it in
+    after_train, logged one past the last iteration, and also after a failure in the last iteration). A training
+    resumed with nothing left to train evaluates its final model again in after_train, at the same iteration."""
 
     def __init__(self, eval_period, eval_function):
         super().__init__(eval_period, eval_function, eval_after_train=False)
 
+    def after_step(self):
+        super().after_step()  # the periodic evaluations, but not after the last iteration
+        if self.trainer.iter + 1 == self.trainer.max_iter:
+            self._do_eval()
+
     def after_train(self):
         trainer = self.trainer
-        if trainer.iter >= trainer.max_iter:  # TrainerBase.train leaves iter at max_iter only when the loop finished
+        if trainer.start_iter >= trainer.max_iter:
             storage = trainer.storage
             finished_at, storage.iter = storage.iter, trainer.max_iter - 1
             try:
