@@ -350,6 +350,18 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(run_tool, finished_
     assert iterations == sorted(iterations) and iterations[-1] == 4  # lines of the lost iterations 2-3 dropped
 
 
+def test_resume_candidates_skip_an_empty_or_dangling_last_checkpoint(tmp_path):
+    for age, name in enumerate(["model_0000009.pth", "model_0000004.pth", "model_final.pth"]):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (1000 - age, 1000 - age))
+    for content in ("", "model_0000042.pth"):
+        (tmp_path / "last_checkpoint").write_text(content)
+        newest_first = ("model_0000009.pth", "model_0000004.pth", "model_final.pth")
+        assert resume_candidates(str(tmp_path)) == [str(tmp_path / name) for name in newest_first]
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    assert resume_candidates(str(tmp_path))[0] == str(tmp_path / "model_final.pth")
+
+
 def test_resume_with_no_readable_checkpoint_is_one_line(run_tool, finished_dir, tmp_path):
     output_dir = copy_of(finished_dir, tmp_path)
     for path in output_dir.glob("*.pth"):
@@ -537,6 +549,7 @@ def test_kill_9_at_random_points_always_resumes_to_a_whole_final_model(synthetic
             named = output_dir / (output_dir / "last_checkpoint").read_text()
             assert checkpoint_iteration(named) is not None  # whole, readable
         starts += [int(n) for n in re.findall(r"Starting training from iteration (\d+)", training.log())]
+        assert cycle == 0 or "ended without releasing it" in training.log()  # the killed run's lock, taken over
     training = Training(argv, synthetic_datasets_dir, tmp_path / "last.log")
     assert training.wait() == 0, training.log()[-3000:]
     assert starts == sorted(starts) and starts[-1] > 0, starts  # a kill never loses a saved iteration
