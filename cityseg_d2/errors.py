@@ -43,6 +43,12 @@ class TrainingInterrupted(UserError):
         self.signal_name = signal.Signals(signum).name
 
 
+class TrainingStopped(BaseException):
+    """Training was asked to stop and did, e.g. a Ray Tune trial that ASHA or PBT stopped at a report: a normal end,
+    not a failure. A BaseException, like SystemExit, so that detectron2's train loop does not log it as an error and
+    `except Exception` blocks let it through."""
+
+
 def first_line(error):
     """The first non-empty line of an exception's message (KeyError's repr quotes stripped), else its type name."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)

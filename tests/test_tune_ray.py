@@ -150,9 +150,8 @@ def test_every_trial_is_a_wandb_run_of_the_sweeps_group_stopped_ones_too(swept):
     for row in rows:
         run = runs[row["trial"]]
         assert run.run["run_group"] == "tiny"
-        # Ended, also when ASHA stopped the trial (its process exits right after).
-        ended = ("finished", 0) if row["status"] == "finished" else ("failed", 1)
-        assert (run.state, run.exit_code) == ended, row
+        # Finished normally, also when ASHA stopped the trial: a stopped trial is no failure.
+        assert (run.state, run.exit_code) == ("finished", 0), row
         assert run.config["tune"]["MODEL.RPN.LOSS_WEIGHT"] == row["MODEL.RPN.LOSS_WEIGHT"]
 
 

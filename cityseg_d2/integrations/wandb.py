@@ -16,8 +16,8 @@ it later). A W&B failure (init error or timeout, a failing log call) is a warnin
 
 Resume: the run id is kept in OUTPUT_DIR/wandb_run_id, beside the checkpoints; a training resumed from a checkpoint
 there continues that run (`resume="allow"`) at the checkpoint's iteration. A training that ends in an exception
-finishes its run with exit code 1, which W&B shows as failed; a requested exit (SystemExit with code 0 or None, as
-Ray Tune stops a trial early) finishes it normally.
+finishes its run with exit code 1, which W&B shows as failed; a requested stop (cityseg_d2.errors.TrainingStopped, how
+a Ray Tune trial ends when ASHA or PBT stops it, or SystemExit with code 0 or None) finishes it normally.
 """
 import copy
 import functools
@@ -44,6 +44,7 @@ from detectron2.utils.logger import log_first_n
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.analysis import registered_dataset_stats
+from ..errors import TrainingStopped
 from . import WANDB_RUN_ID_FILE, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class WandbSession(HookBase):
     checkpoint (start_iter > 0) continues the run whose id OUTPUT_DIR/wandb_run_id holds; any other training starts a
     new run and writes its id there. The training set's statistics are computed, only when WANDB.LOG_DATASET_STATS,
     when a new run starts. The writer's close(), which PeriodicWriter calls last in after_train, finishes the run:
-    failed when an exception stopped training before SOLVER.MAX_ITER. `extra_config` (e.g. a sweep trial's sampled values) joins
+    failed when an exception other than a requested stop ended training early. `extra_config` (e.g. a sweep trial's sampled values) joins
     the run config; `run` is None before training, off the main process, or when W&B failed to start.
     """
 
@@ -251,10 +252,11 @@ class WandbSession(HookBase):
     @_never_raises("finishing the run")
     def finish(self, error=None):
         """Finish the run, once. A training that ended in `error` is a failed run (exit code 1), unless `error` is a
-        SystemExit with code 0 or None: a requested stop (Ray Tune stops a trial with sys.exit(0))."""
+        requested stop: TrainingStopped (a Ray Tune scheduler stopped the trial) or SystemExit with code 0 or None."""
         if self.run is not None and not self._finished:
             self._finished = True
-            failed = error is not None and not (isinstance(error, SystemExit) and error.code in (0, None))
+            requested = isinstance(error, TrainingStopped) or (isinstance(error, SystemExit) and error.code in (0, None))
+            failed = error is not None and not requested
             self.run.finish(exit_code=1 if failed else 0)
 
     def writer(self):

@@ -25,6 +25,7 @@ from ray import tune
 from ray.tune.result import DONE, SHOULD_CHECKPOINT
 
 from ..engine import Trainer, prepare_config
+from ..errors import TrainingStopped
 from ..integrations import WANDB_RUN_ID_FILE
 from .sweep import Sweep
 
@@ -98,10 +99,6 @@ class TuneReportHook(HookBase):
     def _metrics(self, iteration):
         metrics = {k: float(v) for k, (v, _) in self.trainer.storage.latest_with_smoothing_hint(20).items()}
         return {**metrics, "iteration": iteration}
-
-
-class _StopTraining(BaseException):
-    """Ends training at a report when Tune stops the trial (not an Exception: detectron2 does not log it as one)."""
 
 
 def _setup_trial_logging(cfg, args):
@@ -181,7 +178,7 @@ class TrialTrainable(tune.Trainable):
     def _train(self):
         try:
             self._trainer.train()
-        except _StopTraining:
+        except TrainingStopped:
             pass
         except BaseException as e:  # step() raises it in Tune's thread: the trial failed
             self._reports.put(e)
@@ -191,7 +188,7 @@ class TrialTrainable(tune.Trainable):
         self._reports.put(metrics)
         self._go_on.acquire()
         if self._stopping and not final:
-            raise _StopTraining()
+            raise TrainingStopped(f"{self.trial_name} stopped by Ray Tune at a report")
 
     def save_checkpoint(self, checkpoint_dir):
         # Training is paused at the report step() returned: the trainer's own checkpointables (model, optimizer,
