@@ -400,7 +400,11 @@ def _train_net_in_child(argv, environment, log_path, fault):
     """A child process: tools/train_net.py argv, output to log_path, with one test fault (or none):
     ("kill in save", n) kills the process with SIGKILL halfway through writing the n-th checkpoint;
     ("kill before tag", n) kills it just before the n-th last_checkpoint is renamed into place;
-    ("file size limit", bytes) makes every file write beyond `bytes` fail, as a full disk does."""
+    ("file size limit", bytes) makes every file write beyond `bytes` fail, as a full disk does.
+    It leads its own process group, which holds its data-loader workers, as a job step's processes in Slurm, and
+    forks them as `python tools/train_net.py` does (a forkserver's child would have them forked by another one)."""
+    os.setpgrp()
+    multiprocessing.set_start_method("fork", force=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -490,14 +494,15 @@ def error_lines(text):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_and_a_second_writer_is_refused(signum, synthetic_datasets_dir, run_tool, tmp_path):
+    """The signal goes to the whole process group, data-loader workers included, as Slurm's SIGTERM and Ctrl-C do."""
     output_dir = tmp_path / "output"
-    argv = train_args(output_dir, "SOLVER.MAX_ITER", 1000, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION)
+    argv = train_args(output_dir, "SOLVER.MAX_ITER", 1000, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION, "DATALOADER.NUM_WORKERS", 1)
     training = Training(argv, synthetic_datasets_dir, tmp_path / "train.log")
     training.wait_for((output_dir / "model_0000001.pth").exists)  # training is under way
     if signum == signal.SIGTERM:
         second = run_tool("train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", 1000, flags=["--resume"]))
         assert_one_line_error(second, f"OUTPUT_DIR {output_dir} is in use by another run (pid {training.process.pid} on ")
-    os.kill(training.process.pid, signum)
+    os.killpg(training.process.pid, signum)
     assert training.wait() == 128 + signum
     (line,) = error_lines(training.log())
     name = signal.Signals(signum).name

@@ -3,9 +3,11 @@
 - EvalHook: detectron2's, but the evaluation after training runs in the last iteration and is logged at it, like the
   final checkpoint.
 - StopOnSignal: SIGTERM (clusters and Ray send it before preemption) or SIGINT (Ctrl-C) saves a checkpoint at the
-  current iteration and stops training with one line saying how to resume.
+  current iteration and stops training with one line saying how to resume; keep_workers_through_stop_signals keeps
+  the data-loader workers alive meanwhile.
 - MetricsWriter: metrics.json as valid JSON lines (NaN and inf as null), every scalar at its own iteration.
 """
+import functools
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ from collections import defaultdict
 
 from detectron2.engine import HookBase, hooks
 from detectron2.utils.events import JSONWriter, get_event_storage
+from torch.utils.data import DataLoader
 
 from ..errors import TrainingInterrupted
 
@@ -89,6 +92,26 @@ class StopOnSignal(HookBase):
         for signum, previous in self._previous.items():
             if signal.getsignal(signum) == self._receive:
                 signal.signal(signum, previous)
+
+
+def _ignoring_stop_signals(worker_init_fn, worker_id):
+    for signum in StopOnSignal.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def keep_workers_through_stop_signals(loader):
+    """`loader`, whose DataLoader workers ignore SIGTERM and SIGINT. A scheduler that signals the whole process group
+    (Slurm) and Ctrl-C reach the workers too: torch's workers die of SIGTERM, and the training process then fails
+    with a traceback before StopOnSignal can save. They still end with the training process (torch's watchdog).
+    `loader` is a DataLoader or wraps one (detectron2's AspectRatioGroupedDataset.dataset, a prefetcher's .loader)."""
+    inner = loader
+    while not isinstance(inner, DataLoader) and (hasattr(inner, "loader") or hasattr(inner, "dataset")):
+        inner = getattr(inner, "loader", None) or inner.dataset
+    if isinstance(inner, DataLoader) and inner.num_workers > 0:
+        inner.worker_init_fn = functools.partial(_ignoring_stop_signals, inner.worker_init_fn)
+    return loader
 
 
 def _json_value(value):

@@ -22,7 +22,7 @@ from .checkpoint import (
     verify_checkpoint,
     weights_error,
 )
-from .hooks import EvalHook, MetricsWriter, StopOnSignal, drop_metrics_from
+from .hooks import EvalHook, MetricsWriter, StopOnSignal, drop_metrics_from, keep_workers_through_stop_signals
 from .train_loop import build_train_loop
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         try:
-            return build_fast_train_loader(cfg) if cfg.CITYSEG.FAST.DATA else super().build_train_loader(cfg)
+            loader = build_fast_train_loader(cfg) if cfg.CITYSEG.FAST.DATA else super().build_train_loader(cfg)
+            return keep_workers_through_stop_signals(loader)
         except AssertionError as e:  # detectron2 asserts on empty data sets ("Dataset '...' is empty!")
             raise ConfigError(f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}: {e}") from e
 
