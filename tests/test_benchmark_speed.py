@@ -1,5 +1,6 @@
 """tools/benchmark_speed.py at toy size on the CPU: both sides run from files on disk, alternately, and the report
 and its JSON hold every figure. No speed is asserted (the README's figures come from the tool itself)."""
+
 import json
 import math
 
@@ -24,7 +25,10 @@ def test_benchmark_speed_alternates_stock_and_ours_and_reports_every_figure(mode
         "--json", out, *TOY,
     )  # fmt: skip
     assert result.code == 0, result.err[-3000:]
-    assert [line.split(":")[0] for line in result.out.splitlines() if line.startswith("round")] == ["round 1", "round 2"]
+    assert [line.split(":")[0] for line in result.out.splitlines() if line.startswith("round")] == [
+        "round 1",
+        "round 2",
+    ]
     assert "ratio ours/stock (median of rounds)" in result.out and "load average before" in result.out
     report = json.loads(out.read_text())
     assert report["mode"] == mode and len(report["rounds"]) == 2

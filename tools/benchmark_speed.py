@@ -25,6 +25,7 @@ only), and SOLVER.BASE_LR 1e-4.
   python tools/benchmark_speed.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml \\
       --mode train --device cpu --width 512 --height 256 --batch 2 --iters 4 --warmup 1 --rounds 3
 """
+
 import argparse
 import itertools
 import json
@@ -57,7 +58,9 @@ DATASET = "cityseg_benchmark_speed"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--mode", choices=["train", "inference"], default="train")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (batches) per side and round")
@@ -232,7 +235,9 @@ def build_sides(args, stock_cfg, ours_cfg):
     stock_cfg = stock_cfg.clone()
     stock_cfg.defrost()
     stock_cfg.MODEL.WEIGHTS = ""
-    return StockInference(stock_cfg, reference, dicts, evaluators[0]), FastInference(ours_cfg, reference, dicts, evaluators[1])
+    return StockInference(stock_cfg, reference, dicts, evaluators[0]), FastInference(
+        ours_cfg, reference, dicts, evaluators[1]
+    )
 
 
 def timed(side, iterations, device):

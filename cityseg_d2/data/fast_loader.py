@@ -9,6 +9,7 @@ before the model asks for them.
 - `DevicePrefetcher`: copies the next batch (images and ground truth) to the GPU on a side stream with
   non-blocking copies while the current step runs.
 """
+
 import numpy as np
 import torch
 from detectron2.data import DatasetMapper, build_detection_train_loader
@@ -121,5 +122,7 @@ def build_fast_train_loader(cfg, mapper=None):
     model, so they queue no more than detectron2's."""
     on_gpu = cfg.MODEL.DEVICE.startswith("cuda")
     deeper_queue = {"prefetch_factor": 4} if on_gpu and cfg.DATALOADER.NUM_WORKERS > 0 else {}
-    loader = build_detection_train_loader(cfg, mapper=mapper or PolygonEdgesMapper(cfg, True), pin_memory=on_gpu, **deeper_queue)
+    loader = build_detection_train_loader(
+        cfg, mapper=mapper or PolygonEdgesMapper(cfg, True), pin_memory=on_gpu, **deeper_queue
+    )
     return DevicePrefetcher(loader, cfg.MODEL.DEVICE)

@@ -6,6 +6,7 @@ until Python queues the next kernels. FastTrainLoop reads the losses and the sta
 `put_scalars` in one device-to-host copy per step, and runs autocast from SOLVER.AMP on any device (bfloat16
 on the CPU too, where detectron2's AMPTrainer refuses to run). Gradient scaling is used for float16 on CUDA only.
 """
+
 import time
 
 import torch
@@ -77,7 +78,9 @@ def build_train_loop(cfg, model, data_loader, optimizer):
     device = cfg.MODEL.DEVICE
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu and precision == torch.float16:
-        raise ConfigError("SOLVER.AMP.PRECISION float16 needs a GPU: use bfloat16 on the CPU (or SOLVER.AMP.ENABLED False)")
+        raise ConfigError(
+            "SOLVER.AMP.PRECISION float16 needs a GPU: use bfloat16 on the CPU (or SOLVER.AMP.ENABLED False)"
+        )
     if cfg.CITYSEG.FAST.TRAIN_LOOP or (on_cpu and precision is not None):
         return FastTrainLoop(model, data_loader, optimizer, precision=precision, device=device)
     if amp:

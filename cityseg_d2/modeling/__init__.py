@@ -4,6 +4,7 @@ config switch, interchangeable with detectron2's in checkpoints), the model buil
 MODEL.PROPOSAL_GENERATOR.NAME "BatchedRPN", MODEL.ROI_HEADS.NAME "BatchedROIHeads" and
 MODEL.ROI_MASK_HEAD.NAME "TensorTargetsMaskHead" select them; configs/README.md lists every switch.
 """
+
 from .mask_head import TensorTargetsMaskHead
 from .metrics import deferred_scalars, put_scalars
 from .model import autocast_dtype, build_fast_model

@@ -1,11 +1,13 @@
 """detectron2's mask head with its training targets rasterised on the model's device (mask_targets.py)."""
+
 import torch
 import torch.nn.functional as F
 from detectron2.layers import cat
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead, mask_rcnn_loss
 from detectron2.structures import PolygonMasks
 
-from .mask_targets import concat_padded, pack_polygon_edges, rasterize_polygons_in_boxes
+from ..data.fast_loader import pack_polygon_edges
+from .mask_targets import concat_padded, rasterize_polygons_in_boxes
 from .metrics import put_scalars
 
 

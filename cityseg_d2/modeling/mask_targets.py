@@ -8,14 +8,14 @@ M x M targets of all ROIs are computed at once. The arithmetic follows detectron
 grid, the traced edges' column crossings, even-odd fill of each polygon, union of an instance's polygons), so the
 targets equal detectron2's bit for bit, not just approximately.
 """
-import torch
 
-from ..data.fast_loader import pack_polygon_edges  # noqa: F401  (the packed format rasterised here)
+import torch
 
 # pycocotools traces polygon edges on a grid this many times finer than the mask's pixels.
 _UPSAMPLE = 5
-# ROIs x polygons x vertices x mask pixels computed at once: bounds a chunk's memory to a few hundred MB.
-_CHUNK_ELEMENTS = 1 << 24
+# Elements of a chunk's largest temporaries ((ROIs, polygons, vertices, M) float64 and (ROIs, polygons, M, M + 1)
+# counts): about 0.5 GB of temporaries per chunk, a few chunks for a batch of 8 Cityscapes images.
+_CHUNK_ELEMENTS = 1 << 23
 
 
 def concat_padded(edge_tensors):
@@ -38,7 +38,10 @@ def rasterize_polygons_in_boxes(edges, boxes, mask_size):
     if num_rois == 0:
         return out
     vertices = _grid_vertices(edges.to(device=boxes.device, dtype=torch.float64), boxes.to(torch.float32), mask_size)
-    per_roi = vertices.shape[1] * vertices.shape[2] * mask_size * mask_size
+    polygons, edges = vertices.shape[1], vertices.shape[2]
+    per_roi = polygons * edges * mask_size + polygons * mask_size * (
+        mask_size + 1
+    )  # per-edge and per-pixel temporaries
     step = max(1, _CHUNK_ELEMENTS // per_roi)
     for start in range(0, num_rois, step):
         stop = min(start + step, num_rois)
@@ -51,7 +54,9 @@ def _grid_vertices(edges, boxes, mask_size):
     detectron2 does (float32 box sides and ratios, float64 coordinates), then (int)(5 * v + 0.5)."""
     sides = boxes[:, 2:] - boxes[:, :2]  # float32, as numpy computes box[2] - box[0] on the float32 box
     large = sides.to(torch.float64) >= 0.1  # max(side, 0.1) in Python: the float32 side unless 0.1 is larger
-    ratios = torch.where(large, (mask_size / sides).to(torch.float64), torch.full_like(large, mask_size / 0.1, dtype=torch.float64))
+    ratios = torch.where(
+        large, (mask_size / sides).to(torch.float64), torch.full_like(large, mask_size / 0.1, dtype=torch.float64)
+    )
     origin = boxes[:, :2].to(torch.float64).repeat(1, 2)[:, None, None, :]
     scaled = (edges - origin) * ratios.repeat(1, 2)[:, None, None, :]
     return torch.trunc(_UPSAMPLE * scaled + 0.5)

@@ -6,6 +6,7 @@ training loop) the values stay on the device and are copied to the host together
 transfer at the end of the step. Outside it they are written at once, like detectron2's. A NaN value means "nothing to log this time" (e.g. a
 foreground ratio without foreground), which a head can say without reading the count first.
 """
+
 import math
 import contextlib
 import threading

@@ -1,4 +1,5 @@
 """The model of a config with the fast path's whole-model switches: channels_last and a compiled backbone."""
+
 import logging
 
 import torch

@@ -8,6 +8,7 @@ of "a box is kept when no kept box scored higher suppresses it", reached by iter
 The iteration is exact (each round fixes at least the next box of every group), and the host checks for the
 fixed point after 4, 8, 16, ... rounds, so a batch costs a few syncs instead of one per image.
 """
+
 import torch
 
 from ..errors import ConfigError
@@ -20,6 +21,7 @@ def check_nms_method(name):
     if name not in NMS_METHODS:
         raise ConfigError(f"CITYSEG.FAST.NMS is {name!r}: use one of {', '.join(NMS_METHODS)}")
     return name
+
 
 # Groups x K x K IoU elements computed at once (float32 temporaries of a chunk stay under ~1 GB).
 _CHUNK_ELEMENTS = 1 << 26
@@ -45,7 +47,9 @@ def suppression_matrix(boxes, valid, iou_threshold):
 def grouped_nms(boxes, valid, iou_threshold):
     """(G, K) bool mask of the boxes greedy NMS keeps in each group; boxes (G, K, 4) sorted by decreasing score
     within each group, valid (G, K) marks real boxes (padding and invalid boxes are never kept)."""
-    suppresses = suppression_matrix(boxes, valid, iou_threshold).to(torch.float32 if boxes.device.type == "cpu" else torch.float16)
+    suppresses = suppression_matrix(boxes, valid, iou_threshold).to(
+        torch.float32 if boxes.device.type == "cpu" else torch.float16
+    )
     keep = valid.clone()
     rounds = 4
     while True:

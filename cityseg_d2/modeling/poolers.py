@@ -1,4 +1,5 @@
 """ROI pooling over feature pyramid levels with one host sync per call instead of one per level."""
+
 import torch
 from detectron2.modeling.poolers import assign_boxes_to_levels, convert_boxes_to_pooler_format
 from torch import nn

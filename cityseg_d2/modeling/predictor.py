@@ -6,6 +6,7 @@ image, on cfg.MODEL.DEVICE, at the image's own resolution. It runs CITYSEG.FAST.
 forward pass under CITYSEG.FAST.TEST_PRECISION autocast, with the model of build_fast_model (the config's
 registered fast components included); with a batch size of 1 and no autocast its outputs are DefaultPredictor's.
 """
+
 import contextlib
 
 import torch

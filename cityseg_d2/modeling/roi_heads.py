@@ -7,12 +7,13 @@ image without another selection. The batch costs one host sync for sampling (the
 several per image, each ROI pooling one instead of one per pyramid level (LevelSortedPooling), and the
 statistics go through `put_scalars`.
 """
+
 import torch
 from detectron2.layers import cat, cross_entropy
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
 from detectron2.modeling.roi_heads import StandardROIHeads
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 
 from .metrics import put_scalars
@@ -68,7 +69,11 @@ class BatchedFastRCNNOutputLayers(FastRCNNOutputLayers):
         boxes = self.predict_boxes(predictions, proposals)
         scores = self.predict_probs(predictions, proposals)
         return batched_fast_rcnn_inference(
-            boxes, scores, [x.image_size for x in proposals], self.test_score_thresh, self.test_nms_thresh,
+            boxes,
+            scores,
+            [x.image_size for x in proposals],
+            self.test_score_thresh,
+            self.test_nms_thresh,
             self.test_topk_per_image,
         )
 
@@ -115,12 +120,19 @@ def batched_fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_t
     height, width = sizes[:, 0, None, None], sizes[:, 1, None, None]
     x0, y0, x1, y1 = padded_boxes.unbind(-1)
     padded_boxes = torch.stack(
-        [x0.clamp(min=0).minimum(width), y0.clamp(min=0).minimum(height),
-         x1.clamp(min=0).minimum(width), y1.clamp(min=0).minimum(height)], dim=-1
+        [
+            x0.clamp(min=0).minimum(width),
+            y0.clamp(min=0).minimum(height),
+            x1.clamp(min=0).minimum(width),
+            y1.clamp(min=0).minimum(height),
+        ],
+        dim=-1,
     )
     candidate = ((padded_scores > score_thresh) & (finite & real)[..., None]).transpose(1, 2)  # (B, C, R)
     # Groups of (image, class), candidates first, by decreasing score; cut to the most candidates of a group.
-    group_scores = torch.where(candidate, padded_scores.transpose(1, 2), torch.full_like(candidate, -float("inf"), dtype=padded_scores.dtype))
+    group_scores = torch.where(
+        candidate, padded_scores.transpose(1, 2), torch.full_like(candidate, -float("inf"), dtype=padded_scores.dtype)
+    )
     order = group_scores.argsort(dim=2, descending=True, stable=True)
     width_needed = max(int(candidate.sum(dim=2).max()), 1)  # a host sync, which spares NMS the non-candidates
     order = order[..., :width_needed]
@@ -199,7 +211,10 @@ class BatchedROIHeads(StandardROIHeads):
         order = (positive.to(torch.int8) * 2 + negative.to(torch.int8)).argsort(dim=1, descending=True, stable=True)
         sizes = torch.stack([positive.sum(dim=1), negative.sum(dim=1)], dim=1)
         put_scalars(
-            **{"roi_head/num_fg_samples": sizes[:, 0].float().mean(), "roi_head/num_bg_samples": sizes[:, 1].float().mean()}
+            **{
+                "roi_head/num_fg_samples": sizes[:, 0].float().mean(),
+                "roi_head/num_bg_samples": sizes[:, 1].float().mean(),
+            }
         )
         sizes = sizes.tolist()  # the one host sync of sampling
         sampled, num_foreground = [], []
@@ -215,7 +230,9 @@ class BatchedROIHeads(StandardROIHeads):
                         continue
                     if not isinstance(value, torch.Tensor):  # e.g. PolygonMasks: index on the host, one copy
                         if host_matched is None:
-                            host_matched = [m[o[: a + b]].tolist() for m, o, (a, b) in zip(matched.cpu(), order.cpu(), sizes)]
+                            host_matched = [
+                                m[o[: a + b]].tolist() for m, o, (a, b) in zip(matched.cpu(), order.cpu(), sizes)
+                            ]
                         p.set(name, value[host_matched[i]])
                     else:
                         p.set(name, value[target_index])
@@ -227,7 +244,9 @@ class BatchedROIHeads(StandardROIHeads):
         """The mask head's loss on the given foreground proposals (StandardROIHeads._forward_mask selects them
         itself, with a host sync per image)."""
         if self.mask_pooler is not None:
-            features = self.mask_pooler([features[f] for f in self.mask_in_features], [x.proposal_boxes for x in instances])
+            features = self.mask_pooler(
+                [features[f] for f in self.mask_in_features], [x.proposal_boxes for x in instances]
+            )
         else:
             features = {f: features[f] for f in self.mask_in_features}
         return self.mask_head(features, instances)

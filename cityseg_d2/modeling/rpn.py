@@ -7,6 +7,7 @@ that no step runs once per image or waits for the GPU: one matching over padded 
 loss over masks instead of boolean indexing, and statistics logged through `put_scalars`. NMS is detectron2's
 (torchvision, per image) or `grouped_nms` over all images and levels at once (`CITYSEG.FAST.NMS`).
 """
+
 from typing import List
 
 import torch
@@ -20,6 +21,7 @@ from detectron2.structures import Boxes, Instances
 from .metrics import put_scalars
 from .nms import check_nms_method, grouped_nms
 from .sampling import match, pad_boxes, sample
+
 
 def host_values_to(values, device, dtype=torch.float32):
     """A tensor of host values (e.g. image sizes) on `device`, copied without waiting for the device (a plain
@@ -72,9 +74,9 @@ class BatchedRPN(RPN):
             }
         )
         anchors = Boxes.cat(anchors).tensor
-        targets = self.box2box_transform.get_deltas(
-            anchors.repeat(num_images, 1), gt_boxes.reshape(-1, 4)
-        ).view(num_images, -1, 4)
+        targets = self.box2box_transform.get_deltas(anchors.repeat(num_images, 1), gt_boxes.reshape(-1, 4)).view(
+            num_images, -1, 4
+        )
         deltas = cat(pred_anchor_deltas, dim=1)
         if self.smooth_l1_beta < 1e-5:
             box_loss = (deltas - targets).abs()
@@ -106,11 +108,18 @@ class BatchedRPN(RPN):
         # (in training a non-finite prediction also makes the losses non-finite, which stops training).
         height, width = sizes[:, 0, None], sizes[:, 1, None]
         boxes = torch.stack(
-            [boxes[..., 0].clamp(min=0).minimum(width), boxes[..., 1].clamp(min=0).minimum(height),
-             boxes[..., 2].clamp(min=0).minimum(width), boxes[..., 3].clamp(min=0).minimum(height)], dim=-1
+            [
+                boxes[..., 0].clamp(min=0).minimum(width),
+                boxes[..., 1].clamp(min=0).minimum(height),
+                boxes[..., 2].clamp(min=0).minimum(width),
+                boxes[..., 3].clamp(min=0).minimum(height),
+            ],
+            dim=-1,
         )
         valid = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(scores)
-        valid &= (boxes[..., 2] - boxes[..., 0] > self.min_box_size) & (boxes[..., 3] - boxes[..., 1] > self.min_box_size)
+        valid &= (boxes[..., 2] - boxes[..., 0] > self.min_box_size) & (
+            boxes[..., 3] - boxes[..., 1] > self.min_box_size
+        )
         boxes = torch.where(valid[..., None], boxes, torch.zeros_like(boxes))
         scores = torch.where(valid, scores, torch.full_like(scores, -float("inf")))
         if self.nms_method == "grouped":

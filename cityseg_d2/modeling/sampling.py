@@ -5,6 +5,7 @@ candidates) tensors instead of one image at a time: padding ground truth has IoU
 the random subset of each image is drawn by ranking uniform random keys (the same distribution as
 `torch.randperm`'s prefix, with a different random stream).
 """
+
 import torch
 
 # Images x ground truth x candidates matched at once: a chunk's IoU temporaries stay under ~1 GB, about what
@@ -30,10 +31,16 @@ def pairwise_iou(gt, boxes, gt_valid):
         boxes = boxes[None]
     area_gt = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
     area_boxes = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    width_height = torch.min(gt[:, :, None, 2:], boxes[:, None, :, 2:]) - torch.max(gt[:, :, None, :2], boxes[:, None, :, :2])
+    width_height = torch.min(gt[:, :, None, 2:], boxes[:, None, :, 2:]) - torch.max(
+        gt[:, :, None, :2], boxes[:, None, :, :2]
+    )
     width_height.clamp_(min=0)
     inter = width_height.prod(dim=3)
-    iou = torch.where(inter > 0, inter / (area_gt[:, :, None] + area_boxes[:, None, :] - inter), torch.zeros(1, dtype=inter.dtype, device=inter.device))
+    iou = torch.where(
+        inter > 0,
+        inter / (area_gt[:, :, None] + area_boxes[:, None, :] - inter),
+        torch.zeros(1, dtype=inter.dtype, device=inter.device),
+    )
     return iou.masked_fill_(~gt_valid[:, :, None], -1.0)
 
 
