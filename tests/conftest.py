@@ -134,12 +134,12 @@ QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
 # The quickstart model trained on the 6 synthetic training images until it has learned them: what every test that
 # needs a model that really predicts something uses (evaluated on the training images, where AP50 must be high).
 LEARNING = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "20", "SOLVER.STEPS", "(90,)", "INPUT.MIN_SIZE_TRAIN",
-    "(192,)", "INPUT.MIN_SIZE_TEST", "192", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "20", "SOLVER.STEPS", "(120,)", "INPUT.MIN_SIZE_TRAIN",
+    "(256,)", "INPUT.MIN_SIZE_TEST", "256", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128",
     "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "128", "DATALOADER.NUM_WORKERS", "0",
     "DATASETS.TEST", "('cityscapes_synthetic_instance_train',)", "SEED", "1",
 ]  # fmt: skip
-LEARNING_ITERATIONS = 120
+LEARNING_ITERATIONS = 150
 
 
 @pytest.fixture(scope="session")
