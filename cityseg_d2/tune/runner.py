@@ -14,6 +14,7 @@ from ray.exceptions import AuthenticationError
 
 from ..engine import prepare_config
 from ..errors import ConfigError, first_line
+from .pbt import build_pbt, checkpoints_to_keep
 from .sweep import load_sweep, scheduler_max_t
 from .trial import TrialSpec, trainable, trial_dirname
 
@@ -128,6 +129,8 @@ def new_experiment(storage, name):
 
 
 def build_scheduler(sweep, cfg):
+    if sweep.scheduler.get("type") == "pbt":
+        return build_pbt(sweep, cfg)
     if sweep.scheduler.get("type") != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -176,6 +179,9 @@ def start_sweep(sweep, cfg, experiment_dir, hooks=()):
             scheduler=build_scheduler(sweep, cfg),
             search_alg=build_search_algorithm(sweep),
             num_samples=sweep.num_samples,
+            # A finished or stopped trial's actor takes the next trial (TrialTrainable.reset_config): no process
+            # start, imports or Ray worker set-up per trial.
+            reuse_actors=True,
             trial_name_creator=_trial_dirname,
             trial_dirname_creator=_trial_dirname,
         ),
@@ -183,8 +189,11 @@ def start_sweep(sweep, cfg, experiment_dir, hooks=()):
             name=os.path.basename(experiment_dir),
             storage_path=os.path.dirname(experiment_dir),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            # Only the latest checkpoint matters (ASHA's decisions, restarts); each is a full training state.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Each is a full training state. ASHA's decisions and restarts need the latest only; PBT's exploits
+            # need those of a perturbation interval.
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=checkpoints_to_keep(sweep, cfg) if sweep.scheduler.get("type") == "pbt" else 1
+            ),
         ),
     )
     return tuner.fit()

@@ -13,9 +13,10 @@ from ray import tune
 
 from ..errors import ConfigError
 from ..evaluation import reported_metrics
+from .pbt import PBT_DEFAULTS, PBT_KEYS, perturbation_interval
 
 SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
-SCHEDULERS = ("asha", "fifo")
+SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCH_ALGORITHMS = ("random", "optuna")
 # Set by every trial itself, so a sweep may not sample them.
 TRIAL_OWNED_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE")
@@ -170,7 +171,11 @@ def _check_sweep_options(sweep, fail):
     scheduler = sweep.scheduler.get("type", "fifo")
     if scheduler not in SCHEDULERS:
         fail(f"scheduler: type must be one of {list(SCHEDULERS)}, got {scheduler!r}")
-    allowed = {"asha": {"type", "grace_period", "reduction_factor", "max_t", "brackets"}, "fifo": {"type"}}[scheduler]
+    allowed = {
+        "asha": {"type", "grace_period", "reduction_factor", "max_t", "brackets"},
+        "pbt": {"type", *PBT_DEFAULTS},
+        "fifo": {"type"},
+    }[scheduler]
     if set(sweep.scheduler) - allowed:
         fail(f"scheduler: unknown entries for {scheduler}: {sorted(set(sweep.scheduler) - allowed)}")
     if scheduler == "asha":
@@ -185,6 +190,30 @@ def _check_sweep_options(sweep, fail):
         fail(f"search: unknown entries {sorted(set(sweep.search) - {'type', 'seed'})}")
     if search == "optuna" and any(spec.kind == "grid" for spec in sweep.space.values()):
         fail("space: grid values need search type random (Optuna samples; use choice instead)")
+    if scheduler == "pbt":
+        _check_pbt_options(sweep, fail)
+
+
+def _check_pbt_options(sweep, fail):
+    options = {**PBT_DEFAULTS, **sweep.scheduler}
+    for name, low, high in (("perturbation_interval", 0, None), ("burn_in_period", 0, None),
+                            ("quantile_fraction", 0, 0.5), ("resample_probability", 0, 1)):  # fmt: skip
+        value = options[name]
+        if not _is_number(value) or value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            fail(f"scheduler: {name} must be a number {bounds}, got {value!r}")
+    factors = options["perturbation_factors"]
+    if not isinstance(factors, list) or not factors or not all(_is_number(f) and f > 0 for f in factors):
+        fail(f"scheduler: perturbation_factors must be a list of numbers > 0, e.g. [1.2, 0.8], got {factors!r}")
+    if not isinstance(options["synch"], bool):
+        fail(f"scheduler: synch must be true or false, got {options['synch']!r}")
+    if sweep.search.get("type", "random") != "random":
+        fail("scheduler: pbt perturbs the values itself: use search type random (its start values)")
+    population = sweep.num_samples
+    for spec in sweep.space.values():
+        population *= len(spec.values) if spec.kind == "grid" else 1
+    if population < 2:
+        fail("scheduler: pbt needs a population: num_samples (times the grid values) of at least 2")
 
 
 def validate_sweep(sweep, cfg):
@@ -206,6 +235,8 @@ def validate_sweep(sweep, cfg):
                     f"config's {original!r} ({type(original).__name__})"
                 ) from e
     _validate_metric(sweep, cfg)
+    if sweep.scheduler.get("type") == "pbt":
+        _validate_pbt(sweep, cfg)
     if sweep.scheduler.get("type") == "asha":
         if cfg.TEST.EVAL_PERIOD <= 0:
             raise ConfigError(f"{source}: ASHA needs periodic reports: set TEST.EVAL_PERIOD > 0 in the base config")
@@ -215,6 +246,26 @@ def validate_sweep(sweep, cfg):
                 f"{source}: scheduler: grace_period {sweep.scheduler.get('grace_period', 1)} must be below max_t "
                 f"{max_t} (iterations)"
             )
+
+
+def _validate_pbt(sweep, cfg):
+    """PBT changes values in running trials: only keys a trial takes from its config without a new model, at reports."""
+    source = sweep.source
+    for key in sweep.space:
+        if key not in PBT_KEYS:
+            raise ConfigError(
+                f"{source}: space: PBT cannot change {key} in a running trial (a new model or data pipeline would be "
+                f"needed): search it with scheduler asha or fifo; PBT perturbs {', '.join(PBT_KEYS)}"
+            )
+    period = cfg.TEST.EVAL_PERIOD
+    if period <= 0:
+        raise ConfigError(f"{source}: PBT needs periodic reports: set TEST.EVAL_PERIOD > 0 in the base config")
+    interval = perturbation_interval(sweep, cfg)
+    if interval % period or interval >= cfg.SOLVER.MAX_ITER:
+        raise ConfigError(
+            f"{source}: scheduler: perturbation_interval {interval} must be a multiple of TEST.EVAL_PERIOD {period} "
+            f"(trials report there) below SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}"
+        )
 
 
 def _config_value(cfg, key):

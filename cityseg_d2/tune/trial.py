@@ -21,12 +21,15 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from ray import tune
 from ray.tune.result import DONE, SHOULD_CHECKPOINT
 
 from ..engine import Trainer, prepare_config
 from ..errors import TrainingStopped
 from ..integrations import WANDB_RUN_ID_FILE
+from .pbt import config_hyperparameters
 from .sweep import Sweep
 
 TRIAL_OUTPUT = "output"  # a trial's OUTPUT_DIR, inside its trial directory
@@ -103,12 +106,19 @@ class TuneReportHook(HookBase):
 
 def _setup_trial_logging(cfg, args):
     """detectron2's default_setup (log.txt, config.yaml, seed) with the console left to Tune's progress table:
-    the trial's detectron2 and fvcore loggers print only warnings there; log.txt has everything."""
+    the trial's detectron2, fvcore and cityseg_d2 loggers print only warnings there; log.txt has everything. In a
+    reused actor the previous trial's handlers (its log.txt) go first."""
+    loggers = [logging.getLogger(name) for name in ("detectron2", "fvcore", "cityseg_d2")]
+    for trial_logger in loggers:
+        for handler in trial_logger.handlers[:]:
+            trial_logger.removeHandler(handler)
+    setup_logger.cache_clear()  # memoized per OUTPUT_DIR: a trial back in this actor needs its handlers again
     console = sys.stdout
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         default_setup(cfg, args)
-        for name in ("detectron2", "fvcore"):
-            for handler in logging.getLogger(name).handlers:
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cityseg_d2")
+        for trial_logger in loggers:
+            for handler in trial_logger.handlers:
                 if getattr(handler, "stream", None) is devnull:
                     handler.setStream(console)
                     handler.setLevel(logging.WARNING)
@@ -171,7 +181,8 @@ class TrialTrainable(tune.Trainable):
             self._trainer.wandb.extra_config["tune"] = tune_info
         report_hook = TuneReportHook(self.cfg.TEST.EVAL_PERIOD, self._report)
         self._trainer.register_hooks([report_hook, *(make_hook(self.cfg) for make_hook in self._hooks)])
-        self._trainer.resume_or_load(resume=self._restored_report is not None)
+        with config_hyperparameters(self._trainer):  # after a PBT exploit, the checkpoint is another trial's
+            self._trainer.resume_or_load(resume=self._restored_report is not None)
         self._thread = threading.Thread(target=self._train, name="trial-training", daemon=True)
         self._thread.start()
 
@@ -204,9 +215,16 @@ class TrialTrainable(tune.Trainable):
             shutil.copy2(path, saved)
 
     def load_checkpoint(self, checkpoint_dir):
-        """Put a checkpoint's files into OUTPUT_DIR, where resume_or_load finds them."""
-        ignore = shutil.ignore_patterns(CHECKPOINT_METRICS)
-        shutil.copytree(checkpoint_dir, self.cfg.OUTPUT_DIR, ignore=ignore, dirs_exist_ok=True)
+        """Put a checkpoint's files into OUTPUT_DIR, where resume_or_load finds them. A wandb_run_id file already in
+        OUTPUT_DIR stays: the checkpoint of a PBT exploit is another trial's, whose W&B run this trial does not
+        continue."""
+        output_dir = self.cfg.OUTPUT_DIR
+
+        def kept(folder, names):
+            own_run_id = os.path.join(output_dir, os.path.relpath(folder, checkpoint_dir), WANDB_RUN_ID_FILE)
+            return [CHECKPOINT_METRICS] + ([WANDB_RUN_ID_FILE] if os.path.exists(own_run_id) else [])
+
+        shutil.copytree(checkpoint_dir, output_dir, ignore=kept, dirs_exist_ok=True)
         with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS)) as f:
             self._restored_report = json.load(f)
 
@@ -217,6 +235,14 @@ class TrialTrainable(tune.Trainable):
             self._thread.join(timeout=STOP_GRACE_S)
             if self._thread.is_alive():
                 logger.warning("%s: training did not end within %d s of the stop", self.trial_name, STOP_GRACE_S)
+
+    def reset_config(self, new_config):
+        """Actor reuse (reuse_actors): the actor's last trial, if still paused at a report (ASHA stopped it, PBT
+        paused it), ends as cleanup() ends it; then the next trial is set up in this process, which saves starting
+        one, imports and all."""
+        self.cleanup()
+        self.setup(new_config)  # tune.with_parameters's setup passes the spec again
+        return True
 
 
 def trainable(spec):
