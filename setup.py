@@ -35,5 +35,9 @@ setup(
         # detectron2.model_zoo imports pkg_resources, which setuptools 81 removed.
         "setuptools<81",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
+    # tools/export_model.py --format onnx and running an exported .onnx (onnxruntime); the tests check both.
+    extras_require={
+        "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "onnx>=1.14", "onnxruntime>=1.16"],
+    },
 )
