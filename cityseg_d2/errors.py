@@ -2,6 +2,7 @@
 
 Everything else is a bug of ours or of a dependency and keeps its traceback.
 """
+
 import logging
 import signal
 import sys
@@ -57,7 +58,7 @@ def first_line(error):
 
 
 def run_cli(fn, *args, **kwargs):
-    """Call fn; on a UserError print `error: <message>` on stderr and exit with its code (2 unless it says otherwise)."""
+    """Call fn; on a UserError print `error: <message>` on stderr and exit with its code (2 unless it says so)."""
     # A log file on a full disk must not print a traceback for every line logged after it filled up.
     logging.raiseExceptions = False
     try:

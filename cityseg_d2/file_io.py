@@ -4,6 +4,7 @@ Used for checkpoints, `last_checkpoint` and the dataset cache. A write goes to a
 folder (`.<name>.partial-<random>`, never matching `*.pth`), which is flushed to disk and renamed over the target;
 the folder is then synced so that the rename itself survives a power cut.
 """
+
 import contextlib
 import glob
 import os

@@ -1,5 +1,6 @@
 """The on-disk cache of parsed dicts: hit, miss, and rebuild when a file, an option or the version changes; a
 planted file is data, never code."""
+
 import glob
 import json
 import os

@@ -1,4 +1,5 @@
 """Bad input gets a one-line CityscapesDataError naming the file; skippable objects get one counted warning."""
+
 import glob
 import json
 import os
@@ -53,7 +54,10 @@ def test_missing_split_folder(root):
 def test_empty_split(root):
     for image in glob.glob(os.path.join(root, "leftImg8bit", "val", "*", "*.png")):
         os.remove(image)
-    assert _error(root) == f"{os.path.join(root, 'leftImg8bit', 'val')}: empty split, no *_leftImg8bit.png images in its city folders"
+    assert (
+        _error(root)
+        == f"{os.path.join(root, 'leftImg8bit', 'val')}: empty split, no *_leftImg8bit.png images in its city folders"
+    )
 
 
 def test_unknown_city(root):
@@ -64,7 +68,10 @@ def test_unknown_city(root):
 def test_image_without_its_gtfine_file(root, mask_source, suffix):
     gt_file = _first(root, f"*_gtFine_{suffix}")
     os.remove(gt_file)
-    assert _error(root, mask_source=mask_source) == f"{gt_file} not found: image {os.path.basename(gt_file).split('_gtFine')[0]} has no gtFine files"
+    assert (
+        _error(root, mask_source=mask_source)
+        == f"{gt_file} not found: image {os.path.basename(gt_file).split('_gtFine')[0]} has no gtFine files"
+    )
 
 
 def test_test_split_images_load_without_annotations(synthetic_root, tmp_path):
@@ -139,7 +146,10 @@ def test_unknown_labels_and_short_polygons_are_skipped_with_one_counted_warning(
 def test_image_list_with_an_unknown_id(root, tmp_path):
     image_list = tmp_path / "ids.txt"
     image_list.write_text("frankfurt_000000_000019\nnowhere_000000_000019\n")
-    assert _error(root, image_list=str(image_list)) == f"{image_list}: 1 image id(s) not in the split, e.g. 'nowhere_000000_000019'"
+    assert (
+        _error(root, image_list=str(image_list))
+        == f"{image_list}: 1 image id(s) not in the split, e.g. 'nowhere_000000_000019'"
+    )
 
 
 def test_bad_options_name_the_option():

@@ -8,6 +8,7 @@
   has imported torch and detectron2 once (multiprocessing's own zygote), so each costs a fork, not a start-up.
   The kill -9 loop is marked slow (CI runs it).
 """
+
 import hashlib
 import json
 import multiprocessing
@@ -72,7 +73,17 @@ def finished_dir(synthetic_datasets_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("finished") / "output"
     result = run_tool_in_process(
         "train_net.py",
-        *train_args(output_dir, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, "TEST.EVAL_PERIOD", 2, "CITYSEG.BEST_CHECKPOINT_METRIC", ""),
+        *train_args(
+            output_dir,
+            "SOLVER.MAX_ITER",
+            4,
+            "SOLVER.CHECKPOINT_PERIOD",
+            2,
+            "TEST.EVAL_PERIOD",
+            2,
+            "CITYSEG.BEST_CHECKPOINT_METRIC",
+            "",
+        ),
         datasets_dir=synthetic_datasets_dir,
     )
     assert result.code == 0, result.err[-3000:]
@@ -193,7 +204,9 @@ CONFIG_FILES = {"missing config": "none.yaml", "tagged config": "tagged.yaml", "
 
 def assert_one_line_error(result, expected, code=2):
     assert result.code == code, f"exit code {result.code}:\n{result.err[-3000:]}"
-    assert len(result.error_lines()) == 1 and result.error_lines()[0].startswith(f"error: {expected}"), result.err[-3000:]
+    assert len(result.error_lines()) == 1 and result.error_lines()[0].startswith(f"error: {expected}"), result.err[
+        -3000:
+    ]
     assert "Traceback" not in result.err + result.out
 
 
@@ -229,7 +242,9 @@ PREDICT_CASES = [
 
 
 @pytest.mark.parametrize("case, arguments, expected", PREDICT_CASES, ids=[c[0] for c in PREDICT_CASES])
-def test_predict_bad_input_is_one_line_and_touches_nothing(case, arguments, expected, run_tool, inputs, finished_dir, synthetic_root, tmp_path):
+def test_predict_bad_input_is_one_line_and_touches_nothing(
+    case, arguments, expected, run_tool, inputs, finished_dir, synthetic_root, tmp_path
+):
     output = tmp_path / "predictions"
     output.mkdir()
     (output / "earlier.json").write_text("{}")  # what an earlier run left
@@ -288,7 +303,9 @@ def not_a_ray_server():
 
 
 @pytest.mark.parametrize("case, arguments, expected", TUNE_NET_CASES, ids=[c[0] for c in TUNE_NET_CASES])
-def test_tune_net_bad_input_is_one_line_and_touches_nothing(case, arguments, expected, run_tool, inputs, not_a_ray_server, tmp_path):
+def test_tune_net_bad_input_is_one_line_and_touches_nothing(
+    case, arguments, expected, run_tool, inputs, not_a_ray_server, tmp_path
+):
     storage = tmp_path / "sweeps"
     storage.mkdir()
     (storage / "earlier.csv").write_text("trial,segm/AP\n")  # what an earlier sweep left
@@ -323,7 +340,16 @@ def test_pickle_weights_load_with_trust_pickle(run_tool, inputs, tmp_path):
     weights = tmp_path / "weights.pkl"
     state = {key: value.numpy() for key, value in small_model_state().items()}
     weights.write_bytes(pickle.dumps({"model": state, "__author__": "a trusted source"}))
-    args = ["--eval-only", *SMALL, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", tmp_path / "out", "TEST.EVALUATORS", "['cityscapes_fast']"]
+    args = [
+        "--eval-only",
+        *SMALL,
+        "MODEL.WEIGHTS",
+        weights,
+        "OUTPUT_DIR",
+        tmp_path / "out",
+        "TEST.EVALUATORS",
+        "['cityscapes_fast']",
+    ]
     refused = run_tool("train_net.py", "--config-file", QUICKSTART, *args)
     assert_one_line_error(refused, f"MODEL.WEIGHTS {weights} is a pickle")
     trusted = run_tool("train_net.py", "--config-file", QUICKSTART, "--trust-pickle", *args)
@@ -368,13 +394,17 @@ def test_resume_with_no_readable_checkpoint_is_one_line(run_tool, finished_dir, 
         path.write_bytes(b"")
     before = snapshot(output_dir)
     result = run_tool("train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", 5, flags=["--resume"]))
-    assert_one_line_error(result, f"--resume: no checkpoint in {output_dir} can be read (model_final.pth: the file is empty;")
+    assert_one_line_error(
+        result, f"--resume: no checkpoint in {output_dir} can be read (model_final.pth: the file is empty;"
+    )
     assert snapshot(output_dir) == before
 
 
 def test_overwrite_starts_afresh_in_a_finished_output_dir(run_tool, finished_dir, tmp_path):
     output_dir = copy_of(finished_dir, tmp_path)
-    result = run_tool("train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", 1, *NO_EVALUATION, flags=["--overwrite"]))
+    result = run_tool(
+        "train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", 1, *NO_EVALUATION, flags=["--overwrite"])
+    )
     assert result.code == 0, result.err[-3000:]
     assert sorted(p.name for p in output_dir.glob("*.pth")) == ["model_final.pth"]
     assert [m["iteration"] for m in strict_json_lines(output_dir / "metrics.json")] == [0]
@@ -496,12 +526,16 @@ def error_lines(text):
 def test_a_signal_saves_a_checkpoint_and_a_second_writer_is_refused(signum, synthetic_datasets_dir, run_tool, tmp_path):
     """The signal goes to the whole process group, data-loader workers included, as Slurm's SIGTERM and Ctrl-C do."""
     output_dir = tmp_path / "output"
-    argv = train_args(output_dir, "SOLVER.MAX_ITER", 1000, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION, "DATALOADER.NUM_WORKERS", 1)
+    argv = train_args(
+        output_dir, "SOLVER.MAX_ITER", 1000, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION, "DATALOADER.NUM_WORKERS", 1
+    )
     training = Training(argv, synthetic_datasets_dir, tmp_path / "train.log")
     training.wait_for((output_dir / "model_0000001.pth").exists)  # training is under way
     if signum == signal.SIGTERM:
         second = run_tool("train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", 1000, flags=["--resume"]))
-        assert_one_line_error(second, f"OUTPUT_DIR {output_dir} is in use by another run (pid {training.process.pid} on ")
+        assert_one_line_error(
+            second, f"OUTPUT_DIR {output_dir} is in use by another run (pid {training.process.pid} on "
+        )
     os.killpg(training.process.pid, signum)
     assert training.wait() == 128 + signum
     (line,) = error_lines(training.log())
@@ -511,20 +545,32 @@ def test_a_signal_saves_a_checkpoint_and_a_second_writer_is_refused(signum, synt
     checkpoint = output_dir / (output_dir / "last_checkpoint").read_text()
     iteration = checkpoint_iteration(checkpoint)
     assert checkpoint.name == f"model_{iteration:07d}.pth" and iteration >= 1
-    assert line.startswith(f"error: {name} stopped training after iteration {iteration + 1} of 1000, saved in {checkpoint};")
-    resumed = run_tool("train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", iteration + 2, *NO_EVALUATION, flags=["--resume"]))
+    assert line.startswith(
+        f"error: {name} stopped training after iteration {iteration + 1} of 1000, saved in {checkpoint};"
+    )
+    resumed = run_tool(
+        "train_net.py", *train_args(output_dir, "SOLVER.MAX_ITER", iteration + 2, *NO_EVALUATION, flags=["--resume"])
+    )
     assert resumed.code == 0, resumed.err[-3000:]
     assert f"Starting training from iteration {iteration + 1}" in resumed.out + resumed.err
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(synthetic_datasets_dir, finished_dir, tmp_path):
     output_dir = copy_of(finished_dir, tmp_path)
-    checkpoints = {name: digest for name, digest in snapshot(output_dir).items() if name.endswith(".pth") or name == "last_checkpoint"}
-    argv = train_args(output_dir, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION, flags=["--resume"])
+    checkpoints = {
+        name: digest
+        for name, digest in snapshot(output_dir).items()
+        if name.endswith(".pth") or name == "last_checkpoint"
+    }
+    argv = train_args(
+        output_dir, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION, flags=["--resume"]
+    )
     training = Training(argv, synthetic_datasets_dir, tmp_path / "train.log", fault=("file size limit", 2**20))
     assert training.wait() == 2, training.log()[-3000:]
     (line,) = error_lines(training.log())
-    assert line.startswith(f"error: cannot write checkpoint {output_dir}/model_0000005.pth (File too large); the last complete checkpoint")
+    assert line.startswith(
+        f"error: cannot write checkpoint {output_dir}/model_0000005.pth (File too large); the last complete checkpoint"
+    )
     assert "Traceback" not in training.log()
     assert {name: digest for name, digest in snapshot(output_dir).items() if name in checkpoints} == checkpoints
     assert not partial_files(str(output_dir))
@@ -536,7 +582,9 @@ def test_kill_9_at_random_points_always_resumes_to_a_whole_final_model(synthetic
     by --resume; then a last run to the end. Whatever was killed, last_checkpoint names a whole checkpoint, and the
     final model is the last iteration's."""
     output_dir, max_iter = tmp_path / "output", 80
-    argv = train_args(output_dir, "SOLVER.MAX_ITER", max_iter, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION, flags=["--resume"])
+    argv = train_args(
+        output_dir, "SOLVER.MAX_ITER", max_iter, "SOLVER.CHECKPOINT_PERIOD", 2, *NO_EVALUATION, flags=["--resume"]
+    )
     rng = random.Random(0)
     faults = [("kill in save", 2), ("kill before tag", 2), None, ("kill in save", 1), None, ("kill before tag", 1)] * 2
     starts = []

@@ -8,6 +8,7 @@ Files are JSON, not pickle: a cache file someone else wrote (a shared cache fold
 data, never code that loading it would run. They are written atomically (cityseg_d2.file_io), so concurrent
 processes (e.g. one per GPU) never read a half-written cache.
 """
+
 import hashlib
 import json
 import logging

@@ -4,6 +4,7 @@ Does not use detectron2.data.datasets.cityscapes (broken on upstream main). Comp
 follows cityscapesscripts' own drawing rules exactly (the `deleted` flag's value, labels with id < 0 not drawn),
 keeps occlusion holes (detectron2 drops them), checks the files and says which one is bad, and caches the result.
 """
+
 import functools
 import json
 import logging
@@ -128,9 +129,7 @@ def select_images(images, max_images=None, image_list=None, seed=0):
         missing = [image_id for image_id in wanted if image_id not in by_id]
         if missing:
             source = image_list if isinstance(image_list, (str, os.PathLike)) else "image_list"
-            raise CityscapesDataError(
-                f"{source}: {len(missing)} image id(s) not in the split, e.g. {missing[0]!r}"
-            )
+            raise CityscapesDataError(f"{source}: {len(missing)} image id(s) not in the split, e.g. {missing[0]!r}")
         images = sorted(by_id[image_id] for image_id in set(wanted))
     if max_images and max_images < len(images):
         images = sorted(random.Random(seed).sample(images, max_images))
@@ -219,7 +218,9 @@ def _read_objects(json_file, issues):
     except ValueError as e:
         raise CityscapesDataError(f"{json_file}: corrupt JSON ({e})") from e
     except (KeyError, TypeError) as e:
-        raise CityscapesDataError(f"{json_file}: not a Cityscapes polygons file (needs imgWidth, imgHeight, objects)") from e
+        raise CityscapesDataError(
+            f"{json_file}: not a Cityscapes polygons file (needs imgWidth, imgHeight, objects)"
+        ) from e
     drawn = []
     for obj in objects:
         if obj.get("deleted"):
@@ -344,7 +345,9 @@ def parse_images(images, class_set="cityscapes8", mask_source="polygons", worker
     if workers is None:  # daemonic processes (e.g. DataLoader workers) cannot start a pool
         workers = 1 if multiprocessing.current_process().daemon else min(os.cpu_count() or 1, 8)
     jobs = [(image, class_set, mask_source) for image in images]
-    progress = functools.partial(tqdm, total=len(jobs), desc="checking images, reading annotations", unit="img", disable=None)
+    progress = functools.partial(
+        tqdm, total=len(jobs), desc="checking images, reading annotations", unit="img", disable=None
+    )
     if workers > 1 and len(jobs) >= _PARALLEL_MIN_IMAGES:
         with ProcessPoolExecutor(workers) as pool:
             results = list(progress(pool.map(_image_dict_star, jobs, chunksize=16)))
@@ -356,7 +359,9 @@ def parse_images(images, class_set="cityscapes8", mask_source="polygons", worker
         for reason in image_issues:
             first_file.setdefault(reason, image.gt_file)
     for reason, count in sorted(issues.items()):
-        logger.warning(f"Skipped {count} object(s) with {reason} in {len(images)} images (the first in {first_file[reason]})")
+        logger.warning(
+            f"Skipped {count} object(s) with {reason} in {len(images)} images (the first in {first_file[reason]})"
+        )
     return [record for record, _ in results]
 
 

@@ -10,6 +10,7 @@
   checkpoint that can be read.
 - What did not fit the model is logged in one line, and can be checked before training (weights_fit).
 """
+
 import contextlib
 import glob
 import logging
@@ -142,7 +143,9 @@ class WeightsFit(NamedTuple):
             loaded_elements=sum(state[key].numel() for key in loaded),
             checkpoint_tensors=len(loaded) + skipped,
             skipped_tensors=skipped,
-            examples=[f"{key}: {theirs} in the checkpoint, {ours} in the model" for key, (theirs, ours) in reshaped.items()]
+            examples=[
+                f"{key}: {theirs} in the checkpoint, {ours} in the model" for key, (theirs, ours) in reshaped.items()
+            ]
             + [f"{key}: not in the model" for key in incompatible.unexpected_keys],
         )
 
@@ -153,7 +156,9 @@ class WeightsFit(NamedTuple):
     @property
     def mostly_skipped(self):
         """Most of the checkpoint's tensors have no place in the model: a checkpoint of another architecture."""
-        return self.checkpoint_tensors > 0 and (self.skipped_tensors > self.checkpoint_tensors / 2 or not self.loaded_elements)
+        return self.checkpoint_tensors > 0 and (
+            self.skipped_tensors > self.checkpoint_tensors / 2 or not self.loaded_elements
+        )
 
     def describe(self):
         loaded = 100.0 * self.loaded_elements / max(self.model_elements, 1)
@@ -181,7 +186,11 @@ class SafeCheckpointer(DetectionCheckpointer):
             super().save(name, **kwargs)
         except OSError as e:
             last = os.path.join(self.save_dir, LAST_CHECKPOINT)
-            kept = f"the last complete checkpoint, named in {last}, is intact" if os.path.isfile(last) else "nothing was saved"
+            kept = (
+                f"the last complete checkpoint, named in {last}, is intact"
+                if os.path.isfile(last)
+                else "nothing was saved"
+            )
             raise OutputDirError(
                 f"cannot write checkpoint {os.path.join(self.save_dir, name)}.pth ({e.strerror or first_line(e)}); "
                 f"{kept}: free space in {self.save_dir}, then continue with --resume"

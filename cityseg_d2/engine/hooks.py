@@ -7,6 +7,7 @@
   the data-loader workers alive meanwhile.
 - MetricsWriter: metrics.json as valid JSON lines (NaN and inf as null), every scalar at its own iteration.
 """
+
 import functools
 import json
 import logging
@@ -78,7 +79,9 @@ class StopOnSignal(HookBase):
         if self._received is None:
             return
         iteration = self.trainer.iter
-        logger.warning(f"{signal.Signals(self._received).name}: saving a checkpoint at iteration {iteration}, then stopping")
+        logger.warning(
+            f"{signal.Signals(self._received).name}: saving a checkpoint at iteration {iteration}, then stopping"
+        )
         name = f"model_{iteration:07d}"
         self._checkpointer.save(name, iteration=iteration)
         path = os.path.join(self._checkpointer.save_dir, name + ".pth")
@@ -134,7 +137,9 @@ class MetricsWriter(JSONWriter):
                 rows[iteration][key] = _json_value(value)
                 self._written[key] = iteration
         for iteration in sorted(rows):
-            self._file_handle.write(json.dumps({**rows[iteration], "iteration": iteration}, sort_keys=True, allow_nan=False) + "\n")
+            self._file_handle.write(
+                json.dumps({**rows[iteration], "iteration": iteration}, sort_keys=True, allow_nan=False) + "\n"
+            )
         self._file_handle.flush()
         os.fsync(self._file_handle.fileno())
 

@@ -8,6 +8,7 @@
 - Nothing is written before every check has passed: check_output_dir only reads; claim_output_dir, the first write,
   takes the lock, checks again under it and removes what killed writes left (cityseg_d2.file_io).
 """
+
 import datetime
 import fcntl
 import glob
@@ -148,7 +149,9 @@ def claim_output_dir(cfg, resume=False, overwrite=False, eval_only=False):
         os.makedirs(output_dir, exist_ok=True)
         lock = _Lock(output_dir)
     except OSError as e:
-        raise OutputDirError(f"cannot write to OUTPUT_DIR {output_dir} ({e.strerror}): choose another OUTPUT_DIR") from e
+        raise OutputDirError(
+            f"cannot write to OUTPUT_DIR {output_dir} ({e.strerror}): choose another OUTPUT_DIR"
+        ) from e
     _held[key] = lock
     try:
         check_output_dir(cfg, resume, overwrite, eval_only)  # again: another run may have ended or written meanwhile

@@ -7,6 +7,7 @@ loader (a tag such as !!python/object/apply, which would run code, is refused), 
 train_net's setup adds what only a training run needs: every image of its data sets opened once (check_data),
 OUTPUT_DIR claimed (engine/output_dir.py), and only then detectron2's default_setup, the first write.
 """
+
 import logging
 import os
 
@@ -70,7 +71,10 @@ def use_cpu_without_cuda(cfg):
 
 def _check_dataset_options(cfg):
     options = cfg.DATASETS.CITYSCAPES
-    for key, value, allowed in [("CLASS_SET", options.CLASS_SET, CLASS_SETS), ("MASK_SOURCE", options.MASK_SOURCE, MASK_SOURCES)]:
+    for key, value, allowed in [
+        ("CLASS_SET", options.CLASS_SET, CLASS_SETS),
+        ("MASK_SOURCE", options.MASK_SOURCE, MASK_SOURCES),
+    ]:
         if value not in allowed:
             raise ConfigError(f"DATASETS.CITYSCAPES.{key} is {value!r}: use one of {', '.join(allowed)}")
     if options.MASK_SOURCE == "instance_ids" and cfg.INPUT.MASK_FORMAT != "bitmask":
@@ -111,7 +115,9 @@ def _check_ranges(cfg):
         if not value > low:
             raise ConfigError(f"{key} is {value}: it must be > {low}")
     if cfg.TEST.EVAL_PERIOD < 0:
-        raise ConfigError(f"TEST.EVAL_PERIOD is {cfg.TEST.EVAL_PERIOD}: it must be >= 0 (0: evaluate after training only)")
+        raise ConfigError(
+            f"TEST.EVAL_PERIOD is {cfg.TEST.EVAL_PERIOD}: it must be >= 0 (0: evaluate after training only)"
+        )
     if cfg.CITYSEG.BEST_CHECKPOINT_MODE not in ("max", "min"):
         raise ConfigError(f"CITYSEG.BEST_CHECKPOINT_MODE is {cfg.CITYSEG.BEST_CHECKPOINT_MODE!r}: use max or min")
     if cfg.WANDB.MODE and cfg.WANDB.MODE not in WANDB_MODES:
@@ -207,9 +213,13 @@ def check_data(cfg, training=True):
             try:
                 dicts = DatasetCatalog.get(name)
             except OSError as e:
-                raise CityscapesDataError(f"DATASETS.{key} {name}: {e.filename or ''} cannot be read ({e.strerror})") from e
+                raise CityscapesDataError(
+                    f"DATASETS.{key} {name}: {e.filename or ''} cannot be read ({e.strerror})"
+                ) from e
             if not dicts:
-                raise ConfigError(f"DATASETS.{key}: {name} has no images (check DATASETS.CITYSCAPES.CITIES and *_IMAGE_LIST)")
+                raise ConfigError(
+                    f"DATASETS.{key}: {name} has no images (check DATASETS.CITYSCAPES.CITIES and *_IMAGE_LIST)"
+                )
 
 
 def setup(args):
@@ -233,5 +243,7 @@ def setup(args):
         default_setup(cfg, args)
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cityseg_d2")
     except OSError as e:
-        raise OutputDirError(f"cannot write to OUTPUT_DIR {cfg.OUTPUT_DIR} ({e.strerror}): free space there, or choose another") from e
+        raise OutputDirError(
+            f"cannot write to OUTPUT_DIR {cfg.OUTPUT_DIR} ({e.strerror}): free space there, or choose another"
+        ) from e
     return cfg
