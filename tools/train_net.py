@@ -3,9 +3,13 @@
 
 Everything a detectron2 user types works: --config-file, --resume, --eval-only, --num-gpus, --num-machines,
 --machine-rank, --dist-url and trailing KEY VALUE overrides; and --overwrite (start afresh in an OUTPUT_DIR that
-holds a training) and --trust-pickle (load .pkl weights from outside detectron2's model zoo). Examples:
+holds a training) and --trust-pickle (load .pkl weights from outside detectron2's model zoo). --ray-address and
+--num-workers run the same training as N Ray Train workers of a Ray cluster instead of detectron2's launch.
+Examples:
 
   python tools/train_net.py --config-file configs/mask_rcnn_R_50_FPN_coco.yaml --num-gpus 8
+  RAY_AUTH_MODE=token python tools/train_net.py --ray-address HEAD_IP:6379 --num-workers 8 \\
+      --config-file configs/mask_rcnn_R_50_FPN_coco.yaml OUTPUT_DIR /shared/output/r50
   python tools/train_net.py --config-file configs/mask_rcnn_R_50_FPN_coco.yaml --eval-only \\
       MODEL.WEIGHTS output/mask_rcnn_R_50_FPN_coco/model_final.pth TEST.EVALUATORS '["cityscapes", "coco"]'
 """
@@ -50,17 +54,34 @@ def argument_parser():
         action="store_true",
         help="load .pkl MODEL.WEIGHTS from outside detectron2's model zoo (a pickle can run code when loaded)",
     )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="train on the Ray cluster there, as --num-workers Ray Train workers (OUTPUT_DIR on storage all nodes share)",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=1, help="with --ray-address: Ray Train workers, one GPU each where there are GPUs"
+    )
     return parser
 
 
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    run_cli(
-        launch,
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    parser = argument_parser()
+    args = parser.parse_args()
+    if args.ray_address:
+        from cityseg_d2.tune import train_on_ray  # Ray only where it is used
+
+        run_cli(train_on_ray, main, args)
+    elif args.num_workers != 1:
+        parser.error("--num-workers needs --ray-address (without Ray, --num-gpus starts the processes)")
+    else:
+        run_cli(
+            launch,
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )

@@ -57,8 +57,19 @@ def build_parser():
     parser.add_argument("--sweep", default="", metavar="FILE", help="sweep file, e.g. configs/sweeps/student_project_space.yaml")
     parser.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT (default: start Ray here)")
     parser.add_argument("--num-samples", type=int, default=None, help="trials to sample (default: the sweep file's)")
-    parser.add_argument("--gpus-per-trial", type=float, default=None, help="0..1 (default: 1 if there are GPUs, else 0)")
-    parser.add_argument("--cpus-per-trial", type=float, default=None, help="default: the sweep's, else 1 + NUM_WORKERS")
+    parser.add_argument(
+        "--gpus-per-trial", type=float, default=None, help="0..W (default: 1 per worker if there are GPUs, else 0)"
+    )
+    parser.add_argument(
+        "--cpus-per-trial", type=float, default=None, help="default: the sweep's, else 1 + NUM_WORKERS per worker"
+    )
+    parser.add_argument(
+        "--workers-per-trial", type=int, default=None, metavar="W",
+        help="train each trial data-parallel on W Ray Train workers (default: the sweep's, else 1: one process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpus-per-worker", type=float, default=None, help="0..1, instead of --gpus-per-trial (W x this)"
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue the sweep STORAGE/NAME with the sweep and config it started with"
     )
@@ -103,7 +114,10 @@ def main(args):
     if args.resume:
         results = resume_sweep(sweep, cfg, experiment_dir)
     else:
-        sweep = resolve_resources(sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial)
+        sweep = resolve_resources(
+            sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial, args.workers_per_trial,
+            args.gpus_per_worker,
+        )  # fmt: skip
         results = start_sweep(sweep, cfg, experiment_dir)
     rows = trial_rows(results, sweep, cfg)
     write_summary(rows, experiment_dir)

@@ -1,8 +1,10 @@
 """Ray Tune sweeps over config keys, on top of the engine: every trial trains cityseg_d2's detectron2 Trainer.
 
 - sweep: the sweep file (search space, metric, scheduler, search, budget), checked against the base config;
-- trial: one trial in a Ray actor (its config through prepare_config, reports with checkpoints, restore);
-- runner: joining a Ray cluster, per-trial resources, starting and resuming a sweep;
+- trial: one trial in a Ray actor, or on several Ray Train workers (its config through prepare_config, reports with
+  checkpoints, restore);
+- distributed: our Trainer data-parallel on Ray Train workers (detectron2's comm on Ray's process group);
+- runner: joining a Ray cluster, per-trial resources, starting and resuming a sweep, train_net on a Ray cluster;
 - results: the summary from Ray's ResultGrid (trials.csv / trials.json, best_config.yaml).
 
 tools/tune_net.py is the command line.
@@ -17,6 +19,7 @@ from .runner import (
     resolve_resources,
     resume_sweep,
     start_sweep,
+    train_on_ray,
 )
 from .sweep import ParamSpec, Sweep, load_sweep, parse_sweep, validate_sweep
 from .trial import TrialSpec, TuneReportHook, trial_config
@@ -38,6 +41,7 @@ __all__ = [
     "resolve_resources",
     "resume_sweep",
     "start_sweep",
+    "train_on_ray",
     "trial_config",
     "trial_rows",
     "validate_sweep",

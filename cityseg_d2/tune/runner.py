@@ -16,7 +16,8 @@ from ..engine import prepare_config
 from ..errors import ConfigError, first_line
 from .pbt import build_pbt, checkpoints_to_keep
 from .sweep import load_sweep, scheduler_max_t
-from .trial import TrialSpec, trainable, trial_dirname
+from .distributed import launch_on_ray
+from .trial import TRAIN_DRIVER_CPUS, TrialSpec, trainable, trial_dirname
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +93,38 @@ def connect_ray(address=None, num_cpus=None):
         raise ConfigError(f"--address {address}: {first_line(e)}") from e
 
 
-def resolve_resources(sweep, cfg, cluster, cpus_per_trial=None, gpus_per_trial=None):
+def resolve_resources(
+    sweep, cfg, cluster, cpus_per_trial=None, gpus_per_trial=None, workers_per_trial=None, gpus_per_worker=None
+):
     """The sweep with per-trial CPUs and GPUs settled against `cluster` (ray.cluster_resources()): the CLI's
-    values, else the sweep file's, else 1 + DATALOADER.NUM_WORKERS CPUs and a GPU where the cluster has any."""
+    values, else the sweep file's, else 1 + DATALOADER.NUM_WORKERS CPUs and a GPU where the cluster has any, for
+    each of the trial's workers (workers_per_trial; gpus_per_worker is gpus_per_trial / workers_per_trial)."""
+    sweep = _with_workers(sweep, workers_per_trial, gpus_per_worker, gpus_per_trial)
+    workers = sweep.workers_per_trial
     cluster_cpus, cluster_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     if cpus_per_trial is not None and cpus_per_trial <= 0:
         raise ConfigError(f"--cpus-per-trial {cpus_per_trial:g}: must be > 0")
-    cpus = cpus_per_trial or sweep.cpus_per_trial or min(1 + cfg.DATALOADER.NUM_WORKERS, max(1, cluster_cpus))
-    if cpus > cluster_cpus:
-        raise ConfigError(f"{cpus:g} CPUs per trial, but the Ray cluster has {cluster_cpus:g}: lower --cpus-per-trial")
-    if gpus_per_trial is not None:
-        if not 0 <= gpus_per_trial <= 1:
-            raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: must be between 0 and 1 (one process per trial)")
+    default_cpus = workers * min(1 + cfg.DATALOADER.NUM_WORKERS, max(1, cluster_cpus // workers))
+    cpus = cpus_per_trial or sweep.cpus_per_trial or default_cpus
+    driver_cpus = TRAIN_DRIVER_CPUS if workers > 1 else 0
+    if cpus + driver_cpus > cluster_cpus:
+        driver = f" (+{driver_cpus:g} for its Ray Train driver)" if driver_cpus else ""
+        raise ConfigError(
+            f"{cpus:g} CPUs per trial{driver}, but the Ray cluster has {cluster_cpus:g}: lower --cpus-per-trial"
+        )
+    if gpus_per_worker is not None:
+        gpus = workers * gpus_per_worker
+        if gpus > cluster_gpus:
+            raise ConfigError(
+                f"--gpus-per-worker {gpus_per_worker:g}: {workers} workers need {gpus:g} GPUs, the Ray cluster has "
+                f"{cluster_gpus:g}"
+            )
+    elif gpus_per_trial is not None:
+        if not 0 <= gpus_per_trial <= workers:
+            raise ConfigError(
+                f"--gpus-per-trial {gpus_per_trial:g}: must be between 0 and {workers} (one GPU at most per training "
+                "process)"
+            )
         if gpus_per_trial > cluster_gpus:
             raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: the Ray cluster has {cluster_gpus:g} GPUs")
         gpus = gpus_per_trial
@@ -112,8 +133,33 @@ def resolve_resources(sweep, cfg, cluster, cpus_per_trial=None, gpus_per_trial=N
     else:
         if sweep.gpus_per_trial > 0:
             logger.warning("the Ray cluster has no GPU: the sweep's trials run on the CPU")
-        gpus = 1 if cluster_gpus else 0
-    return replace(sweep, cpus_per_trial=cpus, gpus_per_trial=gpus)
+        gpus = workers if cluster_gpus else 0
+    resolved = replace(sweep, cpus_per_trial=cpus, gpus_per_trial=gpus)
+    if workers > 1 and not sweep.max_concurrent_trials:
+        # A trial that waits for its workers holds its driver's CPU: start no more trials than the cluster holds.
+        fits = [cluster_cpus // (cpus + driver_cpus)] + ([cluster_gpus // gpus] if gpus else [])
+        resolved.max_concurrent_trials = max(1, int(min(fits)))
+        logger.info(f"{workers} workers per trial: at most {resolved.max_concurrent_trials} trials at once")
+    return resolved
+
+
+def _with_workers(sweep, workers_per_trial, gpus_per_worker, gpus_per_trial):
+    """The sweep with the CLI's --workers-per-trial, and the sweep file's GPUs as gpus_per_trial (gpus_per_worker
+    left to mean gpus_per_trial / workers_per_trial); the CLI's GPU options checked like the file's."""
+    if workers_per_trial is not None and (isinstance(workers_per_trial, bool) or workers_per_trial < 1):
+        raise ConfigError(f"--workers-per-trial {workers_per_trial}: must be >= 1")
+    if gpus_per_worker is not None:
+        if gpus_per_trial is not None:
+            raise ConfigError("--gpus-per-trial and --gpus-per-worker: give one of them")
+        if not 0 <= gpus_per_worker <= 1:
+            raise ConfigError(f"--gpus-per-worker {gpus_per_worker:g}: must be between 0 and 1 (one process per worker)")
+    workers = workers_per_trial or sweep.workers_per_trial
+    file_gpus = sweep.gpus_per_trial
+    if sweep.gpus_per_worker >= 0:
+        file_gpus = workers * sweep.gpus_per_worker
+    if file_gpus > workers:
+        raise ConfigError(f"{sweep.source}: resources: gpus_per_trial {file_gpus:g} is more than one GPU per worker")
+    return replace(sweep, workers_per_trial=workers, gpus_per_trial=file_gpus, gpus_per_worker=-1)
 
 
 def experiment_path(storage, name):
@@ -213,3 +259,29 @@ def resume_sweep(sweep, cfg, experiment_dir, hooks=()):
     spec = TrialSpec(sweep, cfg, experiment_dir, tuple(hooks))
     tuner = tune.Tuner.restore(experiment_dir, trainable(spec), resume_unfinished=True, resume_errored=True)
     return tuner.fit()
+
+
+def train_on_ray(main_func, args):
+    """train_net --ray-address: main_func(args) on args.num_workers Ray Train workers of the cluster at
+    args.ray_address, each with 1 + DATALOADER.NUM_WORKERS CPUs and a GPU where the cluster has GPUs. The config is
+    checked here first (as on a CPU: the device is each worker's), so that its mistakes are one line before Ray
+    starts; OUTPUT_DIR is checked and claimed by rank 0, as in a local run."""
+    if args.num_gpus != 1 or args.num_machines != 1 or args.machine_rank != 0:
+        raise ConfigError(
+            "--ray-address runs --num-workers Ray Train workers: --num-gpus, --num-machines and --machine-rank are "
+            "for detectron2's own launch"
+        )
+    if args.num_workers < 1:
+        raise ConfigError(f"--num-workers {args.num_workers}: must be >= 1")
+    cfg = prepare_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"], resume=args.resume)
+    connect_ray(args.ray_address)
+    cluster = ray.cluster_resources()
+    cpus, gpus = 1 + cfg.DATALOADER.NUM_WORKERS, 1 if cluster.get("GPU", 0) else 0
+    for resource, per_worker in (("CPU", cpus), ("GPU", gpus)):
+        if args.num_workers * per_worker > cluster.get(resource, 0):
+            raise ConfigError(
+                f"--num-workers {args.num_workers}: {per_worker} {resource} per worker, the Ray cluster has "
+                f"{cluster.get(resource, 0):g}: lower --num-workers (or DATALOADER.NUM_WORKERS)"
+            )
+    logger.info(f"Training on {args.num_workers} Ray Train workers, {cpus} CPUs and {gpus} GPU each")
+    launch_on_ray(main_func, args, args.num_workers, cpus, gpus)

@@ -20,7 +20,7 @@ SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCH_ALGORITHMS = ("random", "optuna")
 # Set by every trial itself, so a sweep may not sample them.
 TRIAL_OWNED_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE")
-RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial")
+RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial", "workers_per_trial", "gpus_per_worker")
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,10 @@ class Sweep:
     num_samples: int = 1
     max_failures: int = 0
     max_concurrent_trials: int = 0  # 0 = as many as the resources allow
-    cpus_per_trial: float = 0  # 0 = 1 + DATALOADER.NUM_WORKERS, at most the cluster's CPUs
-    gpus_per_trial: float = -1  # -1 = 1 if the cluster has GPUs, else 0
+    cpus_per_trial: float = 0  # 0 = 1 + DATALOADER.NUM_WORKERS per worker, at most the cluster's CPUs
+    gpus_per_trial: float = -1  # -1 = 1 per worker if the cluster has GPUs, else 0
+    workers_per_trial: int = 1  # > 1: the trial trains data-parallel on that many Ray Train workers
+    gpus_per_worker: float = -1  # -1 = gpus_per_trial / workers_per_trial; the trial's CPUs are split alike
     scheduler: dict = field(default_factory=lambda: {"type": "fifo"})
     search: dict = field(default_factory=lambda: {"type": "random"})
     source: str = ""  # the file it came from, for error messages
@@ -126,6 +128,8 @@ def parse_sweep(data, source="<sweep>"):
         max_concurrent_trials=data.get("max_concurrent_trials", 0),
         cpus_per_trial=resources.get("cpus_per_trial", 0),
         gpus_per_trial=resources.get("gpus_per_trial", -1),
+        workers_per_trial=resources.get("workers_per_trial", 1),
+        gpus_per_worker=resources.get("gpus_per_worker", -1),
         scheduler=dict(data.get("scheduler") or {"type": "fifo"}),
         search=dict(data.get("search") or {"type": "random"}),
         source=source,
@@ -166,8 +170,21 @@ def _check_sweep_options(sweep, fail):
         fail(f"max_failures must be an integer >= 0 (-1 = retry forever), got {sweep.max_failures!r}")
     if not _is_number(sweep.cpus_per_trial) or sweep.cpus_per_trial < 0:
         fail(f"resources: cpus_per_trial must be a number > 0, got {sweep.cpus_per_trial!r}")
-    if not _is_number(sweep.gpus_per_trial) or sweep.gpus_per_trial > 1 or (-1 < sweep.gpus_per_trial < 0):
-        fail(f"resources: gpus_per_trial must be between 0 and 1 (one process per trial), got {sweep.gpus_per_trial!r}")
+    workers = sweep.workers_per_trial
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        fail(f"resources: workers_per_trial must be an integer >= 1, got {workers!r}")
+    if not _is_number(sweep.gpus_per_trial) or sweep.gpus_per_trial > workers or (-1 < sweep.gpus_per_trial < 0):
+        fail(
+            f"resources: gpus_per_trial must be between 0 and {workers} (workers_per_trial; a worker is one process), "
+            f"got {sweep.gpus_per_trial!r}"
+        )
+    if not _is_number(sweep.gpus_per_worker) or sweep.gpus_per_worker > 1 or (-1 < sweep.gpus_per_worker < 0):
+        fail(f"resources: gpus_per_worker must be between 0 and 1 (one process per worker), got {sweep.gpus_per_worker!r}")
+    if 0 <= sweep.gpus_per_worker and 0 <= sweep.gpus_per_trial != sweep.gpus_per_worker * workers:
+        fail(
+            f"resources: gpus_per_trial {sweep.gpus_per_trial:g} is not workers_per_trial {workers} x gpus_per_worker "
+            f"{sweep.gpus_per_worker:g}: give one of them"
+        )
     scheduler = sweep.scheduler.get("type", "fifo")
     if scheduler not in SCHEDULERS:
         fail(f"scheduler: type must be one of {list(SCHEDULERS)}, got {scheduler!r}")

@@ -1,4 +1,5 @@
-"""One trial of a sweep: the base config with the trial's sampled values, trained by our Trainer in a Ray actor.
+"""One trial of a sweep: the base config with the trial's sampled values, trained by our Trainer in a Ray actor, or
+data-parallel on several Ray Train workers (resources: workers_per_trial).
 
 The trial reports to Tune right after each evaluation and saves a checkpoint of the detectron2 state there, so that
 ASHA can stop it at that point and a failed or interrupted trial goes on from its last report. Its detectron2
@@ -13,10 +14,13 @@ import os
 import queue
 import shutil
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import ray
+import ray.train
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
@@ -24,11 +28,15 @@ from detectron2.engine import HookBase, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from ray import tune
+from ray.train.torch import TorchTrainer
 from ray.tune.result import DONE, SHOULD_CHECKPOINT
+from ray.util.queue import Empty
+from ray.util.queue import Queue as RayQueue
 
 from ..engine import Trainer, prepare_config
 from ..errors import TrainingStopped
 from ..integrations import WANDB_RUN_ID_FILE
+from .distributed import data_parallel_on_cpu, scaling_config, setup_detectron2_comm
 from .pbt import config_hyperparameters
 from .sweep import Sweep
 
@@ -39,6 +47,11 @@ TRIAL_OUTPUT = "output"  # a trial's OUTPUT_DIR, inside its trial directory
 TUNE_CHECKPOINT = "tune_checkpoint"
 CHECKPOINT_METRICS = "tune_metrics.json"
 STOP_GRACE_S = 120  # how long a stopped trial may take to unwind (finish its W&B run) before its actor exits
+# A multi-worker trial: its Tune actor drives a Ray Train run (Ray's default resources for a Tune trainable), named
+# TRAIN_RUN in its trial dir, which holds the checkpoints rank 0 reports to Ray Train.
+TRAIN_DRIVER_CPUS = 1
+TRAIN_RUN = "ray_train"
+_GO_ON, _STOP = "go on", "stop"  # Tune's decision at a report, sent to a multi-worker trial's rank 0
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +115,45 @@ class TuneReportHook(HookBase):
     def _metrics(self, iteration):
         metrics = {k: float(v) for k, (v, _) in self.trainer.storage.latest_with_smoothing_hint(20).items()}
         return {**metrics, "iteration": iteration}
+
+
+def save_trial_checkpoint(trainer, checkpoint_dir, report):
+    """A trial's checkpoint, taken while training is paused at `report`: the trainer's own checkpointables (model,
+    optimizer, scheduler, iteration), that report, and every wandb_run_id file of OUTPUT_DIR."""
+    output_dir = trainer.cfg.OUTPUT_DIR
+    checkpointer = DetectionCheckpointer(trainer.model, checkpoint_dir, **trainer.checkpointer.checkpointables)
+    checkpointer.save(TUNE_CHECKPOINT)
+    with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS), "w") as f:
+        json.dump(report, f)
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "**", WANDB_RUN_ID_FILE), recursive=True):
+        saved = os.path.join(checkpoint_dir, os.path.relpath(path, output_dir))
+        os.makedirs(os.path.dirname(saved), exist_ok=True)
+        shutil.copy2(path, saved)
+
+
+def checkpoint_report(checkpoint_dir):
+    """The report a trial's checkpoint was saved with."""
+    with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS)) as f:
+        return json.load(f)
+
+
+def restore_trial_checkpoint(checkpoint_dir, output_dir):
+    """Put a trial checkpoint's files into OUTPUT_DIR, where resume_or_load finds them; returns its report. A
+    wandb_run_id file already in OUTPUT_DIR stays: the checkpoint of a PBT exploit is another trial's, whose W&B run
+    this trial does not continue."""
+
+    def kept(folder, names):
+        own_run_id = os.path.join(output_dir, os.path.relpath(folder, checkpoint_dir), WANDB_RUN_ID_FILE)
+        return [CHECKPOINT_METRICS] + ([WANDB_RUN_ID_FILE] if os.path.exists(own_run_id) else [])
+
+    shutil.copytree(checkpoint_dir, output_dir, ignore=kept, dirs_exist_ok=True)
+    return checkpoint_report(checkpoint_dir)
+
+
+def _tag_wandb_run(trainer, sweep_name, trial_name, sampled):
+    """Each trial is one W&B run of the group named after the sweep, with its values under `tune`."""
+    if trainer.wandb:
+        trainer.wandb.extra_config["tune"] = {"sweep": sweep_name, "trial": trial_name, **sampled}
 
 
 def _setup_trial_logging(cfg, args):
@@ -176,9 +228,7 @@ class TrialTrainable(tune.Trainable):
 
     def _start_training(self):
         self._trainer = Trainer(self.cfg)
-        if self._trainer.wandb:  # each trial is one W&B run of the group named after the sweep
-            tune_info = {"sweep": self._sweep_name, "trial": self.trial_name, **self._sampled}
-            self._trainer.wandb.extra_config["tune"] = tune_info
+        _tag_wandb_run(self._trainer, self._sweep_name, self.trial_name, self._sampled)
         report_hook = TuneReportHook(self.cfg.TEST.EVAL_PERIOD, self._report)
         self._trainer.register_hooks([report_hook, *(make_hook(self.cfg) for make_hook in self._hooks)])
         with config_hyperparameters(self._trainer):  # after a PBT exploit, the checkpoint is another trial's
@@ -202,31 +252,10 @@ class TrialTrainable(tune.Trainable):
             raise TrainingStopped(f"{self.trial_name} stopped by Ray Tune at a report")
 
     def save_checkpoint(self, checkpoint_dir):
-        # Training is paused at the report step() returned: the trainer's own checkpointables (model, optimizer,
-        # scheduler, iteration), that report, and every wandb_run_id file of OUTPUT_DIR.
-        trainer, output_dir = self._trainer, self.cfg.OUTPUT_DIR
-        checkpointer = DetectionCheckpointer(trainer.model, checkpoint_dir, **trainer.checkpointer.checkpointables)
-        checkpointer.save(TUNE_CHECKPOINT)
-        with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS), "w") as f:
-            json.dump(self._last_report, f)
-        for path in glob.glob(os.path.join(glob.escape(output_dir), "**", WANDB_RUN_ID_FILE), recursive=True):
-            saved = os.path.join(checkpoint_dir, os.path.relpath(path, output_dir))
-            os.makedirs(os.path.dirname(saved), exist_ok=True)
-            shutil.copy2(path, saved)
+        save_trial_checkpoint(self._trainer, checkpoint_dir, self._last_report)  # paused at the report step() returned
 
     def load_checkpoint(self, checkpoint_dir):
-        """Put a checkpoint's files into OUTPUT_DIR, where resume_or_load finds them. A wandb_run_id file already in
-        OUTPUT_DIR stays: the checkpoint of a PBT exploit is another trial's, whose W&B run this trial does not
-        continue."""
-        output_dir = self.cfg.OUTPUT_DIR
-
-        def kept(folder, names):
-            own_run_id = os.path.join(output_dir, os.path.relpath(folder, checkpoint_dir), WANDB_RUN_ID_FILE)
-            return [CHECKPOINT_METRICS] + ([WANDB_RUN_ID_FILE] if os.path.exists(own_run_id) else [])
-
-        shutil.copytree(checkpoint_dir, output_dir, ignore=kept, dirs_exist_ok=True)
-        with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS)) as f:
-            self._restored_report = json.load(f)
+        self._restored_report = restore_trial_checkpoint(checkpoint_dir, self.cfg.OUTPUT_DIR)
 
     def cleanup(self):
         if self._thread is not None and self._thread.is_alive():
@@ -245,7 +274,158 @@ class TrialTrainable(tune.Trainable):
         return True
 
 
+class DistributedTrialTrainable(tune.Trainable):
+    """A trial on sweep.workers_per_trial Ray Train workers, as Ray runs Train in Tune: the trial builds and fits a
+    TorchTrainer whose run is named after it (TRAIN_RUN in its trial dir), to which rank 0 reports a checkpoint at
+    each evaluation. Ray Train restarts a failed worker group from the latest one (max_failures), and a restarted or
+    resumed trial's run of the same name starts from it again; every worker restores it.
+
+    Rank 0's reports reach step() through a Ray queue (not Ray's TuneReportCallback, which does not wait for Tune),
+    so that, as in TrialTrainable, training pauses at each report until Tune wants the next one, and a stopped trial
+    ends there on every worker, its W&B run finished, before cleanup() returns.
+    """
+
+    def setup(self, config, spec):
+        sweep = spec.sweep
+        trial_dir = os.path.join(spec.experiment_dir, trial_dirname(self.trial_id))
+        self._reports = RayQueue(actor_options={"num_cpus": 0})  # (metrics, final) from rank 0
+        self._decisions = RayQueue(actor_options={"num_cpus": 0})  # _GO_ON or _STOP, to rank 0
+        workers = sweep.workers_per_trial
+        self._trainer = TorchTrainer(
+            _train_trial_worker,
+            train_loop_config={
+                "spec": spec,
+                "config": config,
+                "trial_name": self.trial_name,
+                "output_dir": os.path.join(trial_dir, TRIAL_OUTPUT),
+                "reports": self._reports,
+                "decisions": self._decisions,
+            },
+            scaling_config=scaling_config(workers, sweep.cpus_per_trial / workers, sweep.gpus_per_trial / workers),
+            run_config=ray.train.RunConfig(
+                name=TRAIN_RUN,
+                storage_path=trial_dir,
+                failure_config=ray.train.FailureConfig(max_failures=sweep.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        self._train_run = os.path.join(trial_dir, TRAIN_RUN)
+        self._thread = None
+        self._failure = None  # what ended the Ray Train run, if it failed
+        self._last_report = None
+
+    def step(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._fit, name="trial-ray-train", daemon=True)
+            self._thread.start()
+        else:
+            self._decisions.put(_GO_ON)
+        while True:
+            try:
+                metrics, final = self._reports.get(timeout=1)
+                self._last_report = metrics
+                return {**metrics, DONE: final}
+            except Empty:
+                if not self._thread.is_alive() and self._reports.empty():
+                    raise self._failure or RuntimeError(f"{self.trial_name}: training ended without its last report")
+
+    def _fit(self):
+        try:
+            self._trainer.fit()
+        except BaseException as e:  # step() raises it in Tune's thread: the trial failed
+            self._failure = e
+
+    def save_checkpoint(self, checkpoint_dir):
+        """Tune's checkpoint names the Ray Train checkpoint of the report step() returned, which holds the state."""
+        path = os.path.join(self._train_run, train_checkpoint_name(self._last_report["iteration"]))
+        return {"ray_train_checkpoint": path, "report": self._last_report}
+
+    def load_checkpoint(self, checkpoint):
+        """Nothing to load here: the trial's Ray Train run, of the same name, starts from its latest checkpoint."""
+
+    def cleanup(self):
+        if self._thread is not None and self._thread.is_alive():
+            self._decisions.put(_STOP)
+            self._thread.join(timeout=STOP_GRACE_S)
+            if self._thread.is_alive():
+                logger.warning("%s: training did not end within %d s of the stop", self.trial_name, STOP_GRACE_S)
+
+
+def _train_trial_worker(loop_config):
+    """One Ray Train worker of a DistributedTrialTrainable: detectron2's comm, the trial's config with this worker's
+    share of the trial's CPUs, the latest checkpoint of the trial's Ray Train run restored, then training that reports
+    at each evaluation (_report_to_ray_and_tune)."""
+    setup_detectron2_comm()
+    spec, config, trial_name = loop_config["spec"], loop_config["config"], loop_config["trial_name"]
+    sweep = spec.sweep
+    cpus, use_gpu = sweep.cpus_per_trial / sweep.workers_per_trial, sweep.gpus_per_trial > 0
+    cfg = trial_config(
+        spec.base_cfg, sweep.overrides(config), loop_config["output_dir"], cpus, use_gpu, sweep.name, trial_name
+    )
+    sampled = sweep.sampled_values(config)
+    torch.set_num_threads(max(1, int(cpus)))
+    _setup_trial_logging(cfg, argparse.Namespace(sweep=sweep.name, trial=trial_name, sampled=sampled))
+    restored = _restore_on_every_worker(cfg)
+    reports, decisions = loop_config["reports"], loop_config["decisions"]
+    if restored and restored["iteration"] >= cfg.SOLVER.MAX_ITER:  # it had finished: nothing to redo
+        if comm.is_main_process():
+            reports.put((restored, True))
+        return
+    with data_parallel_on_cpu(use_gpu):
+        trainer = Trainer(cfg)
+    _tag_wandb_run(trainer, sweep.name, trial_name, sampled)
+    report = partial(_report_to_ray_and_tune, trainer, reports, decisions, trial_name)
+    trainer.register_hooks([TuneReportHook(cfg.TEST.EVAL_PERIOD, report), *(make(cfg) for make in spec.hooks)])
+    trainer.resume_or_load(resume=restored is not None)
+    try:
+        trainer.train()
+    except TrainingStopped:
+        pass
+
+
+def _restore_on_every_worker(cfg):
+    """The latest checkpoint of the trial's Ray Train run, put into OUTPUT_DIR by rank 0 for every worker's
+    resume_or_load (unless training had finished); returns its report (None when the run has none: training starts
+    afresh)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as checkpoint_dir:
+        report = checkpoint_report(checkpoint_dir)
+        if comm.is_main_process() and report["iteration"] < cfg.SOLVER.MAX_ITER:
+            restore_trial_checkpoint(checkpoint_dir, cfg.OUTPUT_DIR)
+    comm.synchronize()
+    return report
+
+
+def _report_to_ray_and_tune(trainer, reports, decisions, trial_name, metrics, final):
+    """TuneReportHook's report on every worker: rank 0 reports a checkpoint to Ray Train (all workers report, a
+    barrier), then hands the metrics to the trial's step() and waits for Tune's decision, which every worker follows."""
+    if comm.is_main_process():
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            save_trial_checkpoint(trainer, checkpoint_dir, metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+            ray.train.report(metrics, checkpoint, checkpoint_dir_name=train_checkpoint_name(metrics["iteration"]))
+        reports.put((metrics, final))
+        decision = None if final else decisions.get()
+    else:
+        ray.train.report(metrics)
+        decision = None
+    if not final and comm.all_gather(decision)[0] == _STOP:
+        raise TrainingStopped(f"{trial_name} stopped by Ray Tune at a report")
+
+
+def train_checkpoint_name(iteration):
+    """The Ray Train checkpoint a multi-worker trial reports at `iteration` (one lineage: each iteration once)."""
+    return f"checkpoint_{iteration:07d}"
+
+
 def trainable(spec):
-    """The Tune trainable of a sweep's trials, holding the sweep's per-trial resources."""
-    resources = {"cpu": spec.sweep.cpus_per_trial, "gpu": spec.sweep.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(TrialTrainable, spec=spec), resources)
+    """The Tune trainable of a sweep's trials, holding the sweep's per-trial resources (with several workers per
+    trial, those of the trial's driver: the workers are Ray Train's)."""
+    sweep = spec.sweep
+    if sweep.workers_per_trial > 1:
+        trainable_cls, resources = DistributedTrialTrainable, {"cpu": TRAIN_DRIVER_CPUS}
+    else:
+        trainable_cls, resources = TrialTrainable, {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(trainable_cls, spec=spec), resources)
