@@ -1,5 +1,6 @@
 """Population-based training: which keys it may perturb, the perturbed values taking effect after a restore (in the
 Trainer, and in a real PBT sweep on Ray: the exploiting trial's metrics.json, log.txt and W&B run)."""
+
 import glob
 import json
 import os
@@ -54,7 +55,10 @@ def test_pbt_refuses_what_a_running_trial_cannot_take_in_one_line(space, entries
     [
         ({"search": {"type": "optuna"}}, "pbt perturbs the values itself: use search type random"),
         ({"num_samples": 1}, "pbt needs a population"),
-        ({"scheduler": {"type": "pbt", "quantile_fraction": 0.7}}, "quantile_fraction must be a number between 0 and 0.5"),
+        (
+            {"scheduler": {"type": "pbt", "quantile_fraction": 0.7}},
+            "quantile_fraction must be a number between 0 and 0.5",
+        ),
         ({"scheduler": {"type": "pbt", "perturbation_factors": 1.2}}, "perturbation_factors must be a list"),
         ({"scheduler": {"type": "pbt", "grace_period": 10}}, "unknown entries for pbt: ['grace_period']"),
     ],
@@ -98,7 +102,9 @@ def test_restored_trainer_takes_its_configs_hyperparameters_not_the_checkpoints(
         assert group["lr"] == pytest.approx(0.02 * warmup_at_5) and group["momentum"] == 0.95
     assert restored.scheduler.base_lrs == [0.02] * len(restored.optimizer.param_groups)
     assert sorted({g["weight_decay"] for g in restored.optimizer.param_groups}) == [0.0, 0.0002]  # norms: 0
-    buffers = [t.optimizer.state[t.optimizer.param_groups[0]["params"][0]]["momentum_buffer"] for t in (saved, restored)]
+    buffers = [
+        t.optimizer.state[t.optimizer.param_groups[0]["params"][0]]["momentum_buffer"] for t in (saved, restored)
+    ]
     assert torch.equal(*buffers)  # the checkpoint's momentum buffers
     restored.scheduler.step()
     assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * (0.1 + 0.9 * 6 / 10))

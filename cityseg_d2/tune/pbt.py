@@ -4,10 +4,11 @@ At each perturbation point (a report, so a multiple of TEST.EVAL_PERIOD) the tri
 from the checkpoint of a trial in the top quantile with that trial's values perturbed. A trial builds its Trainer from
 its current config, so the new loss weights (in the model), gradient clipping (in the optimizer's class) and LR
 schedule shape (warm-up, steps, gamma) are there already; what the detectron2 checkpoint brings back over them is the
-optimizer's param groups (lr, momentum, weight decay, nesterov) and the LR scheduler's base LRs. `config_hyperparameters`
-puts the config's values back after the restore, so they apply from the next iteration on, in log.txt, metrics.json
-and W&B alike.
+optimizer's param groups (lr, momentum, weight decay, nesterov) and the LR scheduler's base LRs.
+`config_hyperparameters` puts the config's values back after the restore, so they apply from the next iteration on,
+in log.txt, metrics.json and W&B alike.
 """
+
 import contextlib
 import functools
 import logging
@@ -62,7 +63,8 @@ def checkpoints_to_keep(sweep, cfg):
 
 
 def _mutation(spec):
-    """How PBT perturbs a key: bounds multiply by perturbation_factors (or resample), candidates shift to a neighbour."""
+    """How PBT perturbs a key: values in bounds are multiplied by a perturbation factor (or resampled), candidates
+    shift to a neighbour."""
     if spec.kind in ("loguniform", "uniform"):
         return spec.domain()
     return list(spec.domain().categories if spec.kind == "choice" else spec.domain()["grid_search"])
@@ -114,7 +116,8 @@ def config_hyperparameters(trainer):
     scheduler._last_lr = lrs  # what get_last_lr() returns, as after a scheduler step
     changes = _changes(restored, [_group_values(group) for group in optimizer.param_groups])
     if changes:
-        logger.info(f"Hyperparameters of this trial's config replace the checkpoint's from iteration {trainer.start_iter}: {changes}")
+        start = trainer.start_iter
+        logger.info(f"Hyperparameters of the trial's config replace the checkpoint's from iteration {start}: {changes}")
 
 
 def _changes(before, after):

@@ -227,7 +227,7 @@ def start_sweep(sweep, cfg, experiment_dir, hooks=()):
             num_samples=sweep.num_samples,
             # A finished or stopped trial's actor takes the next trial (TrialTrainable.reset_config): no process
             # start, imports or Ray worker set-up per trial.
-            reuse_actors=True,
+            reuse_actors=sweep.workers_per_trial == 1,
             trial_name_creator=_trial_dirname,
             trial_dirname_creator=_trial_dirname,
         ),
