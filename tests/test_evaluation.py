@@ -371,6 +371,17 @@ def test_overlap_counts_in_boxes_and_by_runs_equal_a_plain_count(chunk_elements,
     assert np.array_equal(hinted, expected)
     monkeypatch.setattr(protocol, "_RUNS_CHUNK_ELEMENTS", chunk_elements)  # several chunks of 3 masks, or one
     assert np.array_equal(intersections_by_runs(torch.from_numpy(masks), regions), expected)
+    if torch.cuda.is_available():  # the device it is for
+        assert np.array_equal(intersections_by_runs(torch.from_numpy(masks).cuda(), regions), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_evaluator_on_masks_left_on_the_gpu_equals_official(sweep_dataset):
+    name = sweep_dataset("cityscapes8")
+    outputs = _outputs(name, "mixed", 0)
+    official = _evaluate(CityscapesInstanceEvaluator(name), DatasetCatalog.get(name), outputs)["segm"]
+    on_gpu = [{"instances": output["instances"].to("cuda")} for output in outputs]
+    _assert_same(official, _evaluate(FastCityscapesInstanceEvaluator(name), DatasetCatalog.get(name), on_gpu)["segm"])
 
 
 def test_ground_truth_cache_decodes_each_png_once_and_notices_a_change(sweep_dataset, tmp_path, caplog):

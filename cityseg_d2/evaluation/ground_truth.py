@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .npz import save_npz_atomically
+from ..file_io import atomic_write
 from .protocol import read_gt_instance_ids
 
 logger = logging.getLogger(__name__)
@@ -136,5 +136,7 @@ class GroundTruthCache:
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             logger.warning(f"rebuilding the unreadable ground-truth cache file {path}: {e}")
         regions = GroundTruthRegions.read(gt_path)
-        save_npz_atomically(path, {"source": source, "regions": regions.to_array()})
+        os.makedirs(self.folder, exist_ok=True)
+        with atomic_write(path) as f:
+            np.savez(f, source=source, regions=regions.to_array())
         return regions

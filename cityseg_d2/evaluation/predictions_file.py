@@ -16,7 +16,7 @@ import pycocotools.mask as mask_util
 import torch
 
 from ..errors import UserError, first_line
-from .npz import save_npz_atomically
+from ..file_io import atomic_write
 from .protocol import ImagePredictions, mask_bounding_box
 
 FORMAT = "cityseg_d2.cityscapes_predictions.v1"
@@ -65,13 +65,13 @@ class EncodedPredictions:
         return cls(image_id, tuple(masks.shape[1:]), predictions.scores, predictions.classes, boxes, rles)
 
     def decode(self):
-        """ImagePredictions with (N, H, W) bool numpy masks."""
+        """ImagePredictions with (N, H, W) bool numpy masks (and their boxes, the overlap count's hint)."""
         masks = np.zeros((len(self.scores), *self.shape), bool)
         for mask, (x0, y0, x1, y1), rle in zip(masks, self.boxes, self.rles):
             if x1 > x0:
                 crop = {"size": [int(y1 - y0), int(x1 - x0)], "counts": rle}
                 mask[y0:y1, x0:x1] = mask_util.decode(crop).astype(bool)
-        return ImagePredictions(masks, self.scores, self.classes)
+        return ImagePredictions(masks, self.scores, self.classes, self.boxes.astype(np.float64))
 
 
 @dataclass
@@ -102,7 +102,10 @@ class PredictionsFile:
             "rle_lengths": np.array([len(rle) for rle in rles], np.int64),
             "rle_bytes": np.frombuffer(b"".join(rles), np.uint8),
         }
-        return save_npz_atomically(path, arrays)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
+        return path
 
     @classmethod
     def load(cls, path):
