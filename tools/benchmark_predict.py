@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""What tools/predict.py's outputs cost: detectron2's DefaultPredictor alone vs predict_images (the same predictor,
-plus result files, JSON and overlays), alternated ABAB... on the same images in one run.
+"""tools/predict.py against detectron2's DefaultPredictor: DefaultPredictor alone (predictions, no files) vs
+predict_images (our predictor, plus result files, JSON and overlays), alternated ABAB... on the same images and
+weights in one run.
 
-Prints images per second of each round, the median ratio predict / predictor (1.0 = writing every file is free)
-and the load average. Not a test: numbers depend on the machine. On the synthetic data set:
+Prints images per second of each round, the median ratio predict_images / DefaultPredictor (>= 1.0: every file a user
+asked for comes at no cost over detectron2's bare predictor) and the load average. Not a test: numbers depend on the machine. On the synthetic data set:
 
   python tools/benchmark_predict.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml \\
       --images 'datasets/cityscapes_synthetic/leftImg8bit/val/*/*.png' --limit 20 --rounds 3 \\
@@ -17,9 +18,10 @@ import time
 
 import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
 
 from cityseg_d2.engine import prepare_config
-from cityseg_d2.engine.predict import build_predictor, find_images, predict_images
+from cityseg_d2.engine.predict import build_predictor, find_images, predict_images, resolve_weights
 from cityseg_d2.errors import run_cli
 
 
@@ -41,11 +43,16 @@ def main(args):
     cfg = prepare_config(args.config_file, args.opts)
     paths = find_images(args.images)[: args.limit]
     predictor = build_predictor(cfg)
-    time_predictor(predictor, paths[:2])  # warm-up
+    reference_cfg = cfg.clone()
+    reference_cfg.defrost()
+    reference_cfg.MODEL.WEIGHTS = resolve_weights(cfg)
+    stock = DefaultPredictor(reference_cfg)
+    time_predictor(stock, paths[:2])  # warm-up
+    time_predict_images(cfg, predictor, paths[:2], overlays=False)
     load_before = os.getloadavg()
     rows = []
     for round_index in range(args.rounds):
-        reference = time_predictor(predictor, paths)
+        reference = time_predictor(stock, paths)
         ours = time_predict_images(cfg, predictor, paths, overlays=not args.no_overlays)
         rows.append((reference, ours))
         print(f"round {round_index + 1}: DefaultPredictor {reference:.2f} img/s, predict_images {ours:.2f} img/s, "

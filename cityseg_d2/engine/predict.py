@@ -18,12 +18,13 @@ import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from tqdm import tqdm
 
 from ..errors import ConfigError, first_line
 from ..evaluation.official_cityscapes import write_prediction_files
 from ..evaluation.protocol import ImagePredictions
+from ..modeling import build_batched_predictor, build_fast_model
+from .checkpoint import SafeCheckpointer, eval_only_fit_error, weights_fit
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +48,26 @@ def find_images(spec):
 
 
 def resolve_weights(cfg):
-    """MODEL.WEIGHTS, or the config's OUTPUT_DIR/model_final.pth when it is empty (a random model predicts noise)."""
-    if cfg.MODEL.WEIGHTS:
-        return cfg.MODEL.WEIGHTS
-    trained = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if os.path.isfile(trained):
-        return trained
-    raise ConfigError(f"MODEL.WEIGHTS is empty and {trained} does not exist: pass --opts MODEL.WEIGHTS path/to/model.pth")
+    """MODEL.WEIGHTS, or the config's OUTPUT_DIR/model_final.pth when it is empty (a random model predicts noise),
+    checked to be readable, no refused pickle, and a checkpoint of this model whole (like --eval-only's)."""
+    weights = cfg.MODEL.WEIGHTS or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if not cfg.MODEL.WEIGHTS and not os.path.isfile(weights):
+        raise ConfigError(
+            f"MODEL.WEIGHTS is empty and {weights} does not exist: pass --opts MODEL.WEIGHTS path/to/model.pth"
+        )
+    if "://" not in weights:
+        refusal = eval_only_fit_error(weights, weights_fit(cfg, weights))
+        if refusal:
+            raise ConfigError(str(refusal).replace("--eval-only: ", "MODEL.WEIGHTS ", 1))
+    return weights
 
 
-def prepare_output_dir(output_dir, overlays=True):
-    """The output folders, created; a ConfigError when output_dir (or one of them) is a file."""
+def output_folders(output_dir, overlays=True):
+    """The output folders (not created yet); a ConfigError when output_dir or one of them is a file."""
     folders = {name: os.path.join(output_dir, name) for name in OUTPUT_FOLDERS if overlays or name != "overlays"}
     for path in (output_dir, *folders.values()):
         if os.path.exists(path) and not os.path.isdir(path):
             raise ConfigError(f"--output {output_dir}: {path} is a file; give a folder (it is created if missing)")
-    for folder in (*folders.values(), os.path.join(folders["cityscapes"], "masks")):
-        os.makedirs(folder, exist_ok=True)
     return folders
 
 
@@ -166,27 +170,32 @@ class _BackgroundWriter:
 
 
 def build_predictor(cfg):
-    """detectron2's DefaultPredictor with MODEL.WEIGHTS (or OUTPUT_DIR/model_final.pth) loaded; one line on failure."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.WEIGHTS = resolve_weights(cfg)
-    cfg.freeze()
-    try:
-        return DefaultPredictor(cfg)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:  # what loading a file that is no checkpoint raises
-        raise ConfigError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} could not be loaded: {first_line(e)}") from e
+    """The batched predictor (cityseg_d2.modeling.BatchedPredictor: CITYSEG.FAST.TEST_BATCH_SIZE images a pass, the
+    config's fast components and precision) with MODEL.WEIGHTS, or OUTPUT_DIR/model_final.pth, loaded safely."""
+    weights = resolve_weights(cfg)
+    model = build_fast_model(cfg)
+    SafeCheckpointer(model, trust_pickle=cfg.CITYSEG.TRUST_PICKLE_WEIGHTS).load(weights)
+    return build_batched_predictor(cfg, model)
+
+
+def _batches(paths, size):
+    for start in range(0, len(paths), size):
+        yield paths[start : start + size]
 
 
 def predict_images(cfg, image_paths, output_dir, confidence_threshold=0.5, overlays=True, predictor=None):
     """Predict every image and write cityscapes/ (result files), json/ and, with `overlays`, overlays/ (detections
     scoring at least confidence_threshold) under output_dir. An image that cannot be read is skipped with a warning
-    naming it. Returns a PredictionSummary."""
+    naming it. `predictor` (default build_predictor(cfg)) maps a list of BGR images to their outputs. Returns a
+    PredictionSummary."""
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    folders = prepare_output_dir(output_dir, overlays)
+    folders = output_folders(output_dir, overlays)
     predictor = predictor or build_predictor(cfg)
     summary = PredictionSummary()
 
     def write(path, image, instances):
+        for folder in (*folders.values(), os.path.join(folders["cityscapes"], "masks")):  # made with the first file
+            os.makedirs(folder, exist_ok=True)
         stem = os.path.splitext(os.path.basename(path))[0]
         predictions = ImagePredictions(
             instances.pred_masks.numpy(), instances.scores.numpy().astype(np.float64), instances.pred_classes.numpy()
@@ -199,17 +208,24 @@ def predict_images(cfg, image_paths, output_dir, confidence_threshold=0.5, overl
             cv2.imwrite(os.path.join(folders["overlays"], stem + ".png"), draw_overlay(image, shown, metadata))
 
     writer = _BackgroundWriter(write)
+    progress = tqdm(total=len(image_paths), desc="predict", unit="img")
     try:
-        for path in tqdm(image_paths, desc="predict", unit="img"):
-            image, problem = read_image_file(path)
-            if image is None:
-                summary.skipped[path] = problem
-                logger.warning("skipped %s: not a readable image (%s)", path, problem)
-                continue
-            instances = predictor(image)["instances"].to("cpu")
-            writer.put(path, image, instances)
-            summary.written.append(path)
+        for batch in _batches(image_paths, getattr(predictor, "batch_size", 1)):
+            images = {}
+            for path in batch:
+                image, problem = read_image_file(path)
+                if image is None:
+                    summary.skipped[path] = problem
+                    logger.warning("skipped %s: not a readable image (%s)", path, problem)
+                else:
+                    images[path] = image
+            outputs = predictor(list(images.values())) if images else []
+            for (path, image), output in zip(images.items(), outputs):
+                summary.written.append(path)
+                writer.put(path, image, output["instances"].to("cpu"))
+            progress.update(len(batch))
     finally:
+        progress.close()
         writer.close()
     logger.info("wrote predictions of %d images to %s", len(summary.written), output_dir)
     return summary
