@@ -17,8 +17,10 @@ import yaml
 from cityseg_d2 import tune as sweeps
 from cityseg_d2.engine.setup import load_config
 from cityseg_d2.errors import ConfigError
+from cityseg_d2.integrations import WANDB_RUN_ID_FILE
 from cityseg_d2.tune import runner
 from cityseg_d2.tune.trial import TRAIN_RUN
+from test_wandb import OfflineRun, isolated_wandb  # W&B isolated from this machine; offline runs read with wandb leet
 
 QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
 TINY_OPTS = [
@@ -81,6 +83,13 @@ def test_worker_resources_come_from_cli_then_sweep_then_cluster(cluster, cli, fi
         assert (again.workers_per_trial, again.gpus_per_trial) == (resolved.workers_per_trial, resolved.gpus_per_trial)
 
 
+def test_pbt_needs_one_process_trials():
+    space = {"SOLVER.BASE_LR": {"loguniform": [1.0e-4, 1.0e-2]}}
+    s = sweeps.parse_sweep({"space": space, "num_samples": 2, "scheduler": {"type": "pbt"}}, source="pbt.yaml")
+    with pytest.raises(ConfigError, match=re.escape("pbt.yaml: scheduler: pbt needs one-process trials")):
+        runner.resolve_resources(s, load_config(QUICKSTART), {"CPU": 16}, workers_per_trial=2)
+
+
 def test_train_net_refuses_num_workers_without_ray_and_launch_flags_with_it(run_tool):
     run = run_tool("train_net.py", "--config-file", QUICKSTART, "--num-workers", "2")
     assert run.code == 2 and "--num-workers needs --ray-address" in run.err
@@ -93,13 +102,16 @@ def test_train_net_refuses_num_workers_without_ray_and_launch_flags_with_it(run_
 
 
 @pytest.fixture(scope="module")
-def local_ray(synthetic_datasets_dir):
-    """The GCS address of a Ray started here (3 logical CPUs), whose workers see the synthetic data set."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("DETECTRON2_DATASETS", str(synthetic_datasets_dir))  # Ray's workers inherit it from the raylet
+def local_ray(synthetic_datasets_dir, tmp_path_factory):
+    """(The GCS address of a Ray started here with 3 logical CPUs, the folder of offline W&B runs): Ray's workers
+    inherit the raylet's environment, so the synthetic data set and W&B (offline, nothing of this machine's) are set
+    before Ray starts."""
+    with pytest.MonkeyPatch.context() as env, isolated_wandb(tmp_path_factory.mktemp("wandb"), env) as wandb_runs:
+        env.setenv("DETECTRON2_DATASETS", str(synthetic_datasets_dir))
+        env.setenv("WANDB_MODE", "offline")
         sweeps.connect_ray(num_cpus=3)
         try:
-            yield ray.get_runtime_context().gcs_address
+            yield ray.get_runtime_context().gcs_address, wandb_runs
         finally:
             ray.shutdown()
 
@@ -110,16 +122,30 @@ def training_starts(log_file):
         return [int(line.split()[-1]) for line in f if "Starting training from iteration" in line]
 
 
-def world_sizes(log_file):
+def log_lines(log_file, text):
     with open(log_file) as f:
-        return [int(m.group(1)) for m in re.finditer(r"World size: (\d+)", f.read())]
+        return [line for line in f if text in line]
+
+
+WANDB_OPTS = ["WANDB.ENABLED", "True", "WANDB.NUM_VIS_IMAGES", "0", "WANDB.LOG_DATASET_STATS", "False"]
+TWO_WORKERS = {
+    "name": "two_workers",
+    "metric": "total_loss",
+    "mode": "min",
+    "max_failures": 1,
+    "resources": {"workers_per_trial": 2, "cpus_per_trial": 2},
+    "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+    # Run in grid order, one at a time (3 CPUs); RPN.LOSS_WEIGHT 20 makes the second trial's total_loss far worse.
+    "space": {"MODEL.RPN.LOSS_WEIGHT": {"grid": [1.0, 20.0]}},
+}
 
 
 @pytest.fixture(scope="module")
-def two_worker_trial(local_ray, tmp_path_factory):
-    """A sweep of one trial on 2 workers (4 iterations, a report every 2) whose rank 0 raises once after iteration
-    3, through a hook (TrialSpec.hooks; a class made here travels to the workers by value); Ray Train restarts the
-    worker group from the iteration-2 checkpoint (max_failures 1). Returns (the trial's Result, its trial dir)."""
+def two_worker_sweep(local_ray, tmp_path_factory):
+    """A sweep of two trials on 2 workers each (4 iterations, a report every 2, W&B offline) whose rank 0 raises
+    once after iteration 3, through a hook (TrialSpec.hooks; a class made here travels to the workers by value).
+    The first trial is restarted by Ray Train from its iteration-2 checkpoint (max_failures 1) and finishes; ASHA
+    stops the second at iteration 2, before the hook's failure. Returns ({loss weight: Result}, W&B runs folder)."""
     from detectron2.engine import HookBase
     from detectron2.utils import comm
 
@@ -132,45 +158,68 @@ def two_worker_trial(local_ray, tmp_path_factory):
                 open(self._marker, "w").close()
                 raise RuntimeError("injected failure after iteration 3")
 
-    storage = tmp_path_factory.mktemp("sweeps")
-    cfg = load_config(QUICKSTART, [*TINY_OPTS, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "2"])
-    s = sweep({"workers_per_trial": 2, "cpus_per_trial": 2}, name="two_workers", metric="total_loss", mode="min",
-              max_failures=1)  # fmt: skip
+    _, wandb_runs = local_ray
+    cfg = load_config(QUICKSTART, [*TINY_OPTS, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "2", *WANDB_OPTS])
+    s = sweeps.parse_sweep(TWO_WORKERS, source="two_workers.yaml")
     sweeps.validate_sweep(s, cfg)
-    experiment_dir = sweeps.new_experiment(str(storage), s.name)
+    experiment_dir = sweeps.new_experiment(str(tmp_path_factory.mktemp("sweeps")), s.name)
     s = sweeps.resolve_resources(s, cfg, ray.cluster_resources())
-    (result,) = sweeps.start_sweep(s, cfg, experiment_dir, hooks=[FailOnceAfterIteration3])
-    return result, result.path
+    results = sweeps.start_sweep(s, cfg, experiment_dir, hooks=[FailOnceAfterIteration3])
+    return {result.config["MODEL.RPN.LOSS_WEIGHT"]: result for result in results}, wandb_runs
 
 
-def test_a_two_worker_trial_trains_with_world_size_2_and_reports_once_per_evaluation(two_worker_trial):
-    result, trial_dir = two_worker_trial
+def _wandb_runs(wandb_runs, output_dir):
+    with open(os.path.join(output_dir, WANDB_RUN_ID_FILE)) as f:
+        return OfflineRun.all(wandb_runs, f.read().strip())
+
+
+def test_a_two_worker_trial_trains_with_world_size_2_and_reports_once_per_evaluation(two_worker_sweep):
+    result = two_worker_sweep[0][1.0]
     assert result.error is None
     assert list(result.metrics_dataframe["iteration"]) == [2, 4]  # one report per evaluation, from rank 0
     assert {"total_loss", "segm/AP"} <= set(result.metrics_dataframe.columns)
-    output = os.path.join(trial_dir, "output")
-    assert world_sizes(os.path.join(output, "log.txt")) == [2, 2]  # started, then restarted after the failure
-    assert os.path.isfile(os.path.join(output, "log.txt.rank1"))  # detectron2's log of the second worker
+    output = os.path.join(result.path, "output")
+    assert log_lines(os.path.join(output, "log.txt"), "World size: 2")
+    assert log_lines(os.path.join(output, "log.txt.rank1"), "World size: 2")  # detectron2's log of the second worker
     assert os.path.isfile(os.path.join(output, "model_final.pth"))
-    # Rank 0 wrote metrics.json (losses gathered from both workers), evaluated at 4 and at the last iteration.
+    # Rank 0 wrote metrics.json (losses gathered from both workers), evaluated at 2 and at the last iteration.
     with open(os.path.join(output, "metrics.json")) as f:
         evaluated = [row["iteration"] for row in map(json.loads, f) if "segm/AP" in row]
     assert evaluated == [1, 3]
-    # One Ray Train checkpoint kept (rank 0's, the last report's), the detectron2 state and that report.
-    (checkpoint,) = glob.glob(os.path.join(trial_dir, TRAIN_RUN, "checkpoint_0*"))
+    # One Ray Train checkpoint kept (rank 0's, the last report's): the detectron2 state and that report.
+    (checkpoint,) = glob.glob(os.path.join(result.path, TRAIN_RUN, "checkpoint_0*"))
     with open(os.path.join(checkpoint, "tune_metrics.json")) as f:
         assert json.load(f)["iteration"] == 4
-    assert {"tune_checkpoint.pth", "last_checkpoint"} <= set(os.listdir(checkpoint))
+    assert {"tune_checkpoint.pth", "last_checkpoint", WANDB_RUN_ID_FILE} <= set(os.listdir(checkpoint))
 
 
-def test_a_failed_two_worker_trial_is_restored_on_both_workers(two_worker_trial):
-    _, trial_dir = two_worker_trial
-    output = os.path.join(trial_dir, "output")
+def test_a_failed_two_worker_trial_is_restored_on_both_workers(two_worker_sweep):
+    results, wandb_runs = two_worker_sweep
+    output = os.path.join(results[1.0].path, "output")
     assert os.path.exists(os.path.join(output, "injected_failure"))
     # Both workers started at 0, failed after 3 (rank 0 raised, rank 1 was ended with it) and resumed from the
     # checkpoint reported at iteration 2, not from scratch.
     assert training_starts(os.path.join(output, "log.txt")) == [0, 2]
     assert training_starts(os.path.join(output, "log.txt.rank1")) == [0, 2]
+    # Rank 0's W&B run: failed with the injected error, then continued (same id) to the end.
+    runs = _wandb_runs(wandb_runs, output)
+    assert [(run.state, run.exit_code) for run in runs] == [("failed", 1), ("finished", 0)]
+
+
+def test_a_two_worker_trial_that_asha_stops_ends_at_the_report_on_both_workers(two_worker_sweep):
+    results, wandb_runs = two_worker_sweep
+    stopped = results[20.0]
+    assert list(stopped.metrics_dataframe["iteration"]) == [2]
+    output = os.path.join(stopped.path, "output")
+    assert not os.path.exists(os.path.join(output, "injected_failure"))  # paused at 2: iteration 3 never ran
+    assert not os.path.exists(os.path.join(output, "model_final.pth"))
+    for log in ("log.txt", "log.txt.rank1"):  # each worker unwound through detectron2's after_train hooks
+        assert training_starts(os.path.join(output, log)) == [0]
+        assert log_lines(os.path.join(output, log), "Total training time")
+    (run,) = _wandb_runs(wandb_runs, output)
+    assert (run.state, run.exit_code) == ("finished", 0)
+    # W&B runs come from rank 0 only: three (the first trial's two, this one).
+    assert len(OfflineRun.all(wandb_runs)) == 3
 
 
 def _metrics(output_dir):
@@ -207,7 +256,8 @@ def test_train_net_on_ray_writes_what_a_local_run_writes(local_ray, run_tool, tm
     finally:
         torch.set_num_threads(threads)
     assert run.code == 0, run.err[-3000:]
-    args = ["--ray-address", local_ray, "--num-workers", "1", "--config-file", QUICKSTART, *TRAIN_NET_OPTS]
+    address, _ = local_ray
+    args = ["--ray-address", address, "--num-workers", "1", "--config-file", QUICKSTART, *TRAIN_NET_OPTS]
     run = run_tool("train_net.py", *args, "OUTPUT_DIR", on_ray)
     assert run.code == 0, run.err[-3000:]
     assert _outputs(on_ray) == _outputs(local)

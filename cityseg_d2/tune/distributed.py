@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import os
+import sys
 
 import ray
 import ray.train
@@ -52,6 +53,19 @@ def data_parallel_on_cpu(use_gpu):
         defaults.create_ddp_model = create_ddp_model
 
 
+@contextlib.contextmanager
+def wandb_flushed():
+    """Ray ends a worker's child processes, W&B's service among them, as soon as its training function has returned
+    or raised, before W&B has written a run's last records: wait for them (wandb.teardown, which W&B recommends where
+    its exit hook does not run). W&B is only imported where a run used it."""
+    try:
+        yield
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None:
+            wandb.teardown()
+
+
 def scaling_config(num_workers, cpus_per_worker, gpus_per_worker):
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
@@ -77,7 +91,7 @@ def _run_main(config):
     setup_detectron2_comm()
     args = argparse.Namespace(**vars(config["args"]))
     args.opts = [*args.opts, *worker_device_opts(config["use_gpu"])]
-    with data_parallel_on_cpu(config["use_gpu"]):
+    with wandb_flushed(), data_parallel_on_cpu(config["use_gpu"]):
         config["main"](args)
 
 

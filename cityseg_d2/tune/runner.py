@@ -154,6 +154,9 @@ def _with_workers(sweep, workers_per_trial, gpus_per_worker, gpus_per_trial):
         if not 0 <= gpus_per_worker <= 1:
             raise ConfigError(f"--gpus-per-worker {gpus_per_worker:g}: must be between 0 and 1 (one process per worker)")
     workers = workers_per_trial or sweep.workers_per_trial
+    if workers > 1 and sweep.scheduler.get("type") == "pbt":
+        # An exploit restores another trial's checkpoint, and a multi-worker trial restores its own Ray Train run's.
+        raise ConfigError(f"{sweep.source}: scheduler: pbt needs one-process trials: set workers_per_trial 1")
     file_gpus = sweep.gpus_per_trial
     if sweep.gpus_per_worker >= 0:
         file_gpus = workers * sweep.gpus_per_worker

@@ -36,7 +36,7 @@ from ray.util.queue import Queue as RayQueue
 from ..engine import Trainer, prepare_config
 from ..errors import TrainingStopped
 from ..integrations import WANDB_RUN_ID_FILE
-from .distributed import data_parallel_on_cpu, scaling_config, setup_detectron2_comm
+from .distributed import data_parallel_on_cpu, scaling_config, setup_detectron2_comm, wandb_flushed
 from .pbt import config_hyperparameters
 from .sweep import Sweep
 
@@ -356,6 +356,11 @@ def _train_trial_worker(loop_config):
     share of the trial's CPUs, the latest checkpoint of the trial's Ray Train run restored, then training that reports
     at each evaluation (_report_to_ray_and_tune)."""
     setup_detectron2_comm()
+    with wandb_flushed():
+        _train_trial(loop_config)
+
+
+def _train_trial(loop_config):
     spec, config, trial_name = loop_config["spec"], loop_config["config"], loop_config["trial_name"]
     sweep = spec.sweep
     cpus, use_gpu = sweep.cpus_per_trial / sweep.workers_per_trial, sweep.gpus_per_trial > 0
