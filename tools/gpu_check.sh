@@ -16,7 +16,9 @@
 #   3. tools/benchmark_speed.py --mode inference (evaluation included) against DefaultPredictor;
 #   4. smoke runs of what never ran on a GPU: train_net.py with the fast quickstart config (bf16) for 20
 #      iterations and an evaluation, train_net.py --eval-only with the fast evaluator, predict.py.
-# The last lines printed are each step's exit code and the benchmarks' summary tables.
+# The last lines printed are each step's exit code and the benchmarks' summary tables. With device time left (the
+# session has 15 minutes), `bash tools/gpu_check.sh ablation` (about 4 minutes) splits the gain between bfloat16 and
+# the structural switches and tries grouped NMS and channels_last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,11 +66,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, append its outp
     echo "load average $(cat /proc/loadavg), $(nproc) cores"
 } 2>&1 | tee -a "$LOG"
 
-step anchor 100 python3 .gpu/gpu_anchor.py --iters 8 --warmup 3
-
 DATA=/tmp/cityseg_gpu_check
 BENCH=(--device cuda --batch 8 --width 2048 --height 1024 --instances 20 --images 32 --iters 8 --warmup 3 --rounds 3
        --data-dir "$DATA/bench")
+
+if [ "${1:-}" = ablation ]; then
+    # A second, short command (about 2 minutes) for what the first leaves undecided: against stock AMP, ours with
+    # bfloat16 and our training loop only (no batched heads, no tensor mask targets, no data path), then the full
+    # fast path with grouped NMS and channels_last. With train_vs_amp's ratio, this splits the gain between
+    # precision and structure and says whether the two switches left off should be on.
+    step ablation_bf16_loop 100 python3 tools/benchmark_speed.py --config-file configs/mask_rcnn_R_50_FPN_coco_amp.yaml \
+        --mode train "${BENCH[@]}" --rounds 2 --no-fast-defaults --json "$OUT/ablation_bf16_loop.json" \
+        --ours-opts "SOLVER.AMP.PRECISION bfloat16 CITYSEG.FAST.TRAIN_LOOP True" DATALOADER.NUM_WORKERS 7
+    step ablation_grouped_cl 100 python3 tools/benchmark_speed.py --config-file configs/mask_rcnn_R_50_FPN_coco_amp.yaml \
+        --mode train "${BENCH[@]}" --rounds 2 --json "$OUT/ablation_grouped_cl.json" \
+        --ours-opts "CITYSEG.FAST.NMS grouped CITYSEG.FAST.CHANNELS_LAST True" DATALOADER.NUM_WORKERS 7
+    printf '%s\n' "${summary[@]}"
+    grep -A 5 "timed iterations" "$LOG"
+    exit 0
+fi
+
+step anchor 100 python3 .gpu/gpu_anchor.py --iters 8 --warmup 3
 step train_vs_fp32 110 python3 tools/benchmark_speed.py --config-file configs/mask_rcnn_R_50_FPN_coco.yaml --mode train \
     "${BENCH[@]}" --json "$OUT/train_vs_fp32.json" DATALOADER.NUM_WORKERS 7
 step train_vs_amp 100 python3 tools/benchmark_speed.py --config-file configs/mask_rcnn_R_50_FPN_coco_amp.yaml --mode train \
