@@ -59,7 +59,8 @@ def test_bad_worker_resources_in_a_sweep_file_fail_in_one_line(resources, messag
         # whole, with the trial's driver CPU (2 x 3 + 1 = 7 CPUs, 2 GPUs: 16 // 7 and 8 // 2).
         ({"CPU": 16, "GPU": 8}, (None, None, 2, None), {}, (6, 2, 2)),
         ({"CPU": 16, "GPU": 8}, (None, None, 4, 1), {}, (12, 4, 1)),  # --gpus-per-worker 1: 4 GPUs
-        ({"CPU": 16, "GPU": 8}, (None, None, None, None), {"workers_per_trial": 2, "gpus_per_worker": 0.5}, (6, 1, 2)),
+        ({"CPU": 16, "GPU": 8}, (None, None, None, None), {"workers_per_trial": 2, "gpus_per_worker": 0}, (6, 0, 2)),
+        ({"CPU": 16, "GPU": 8}, (None, None, 4, None), {"gpus_per_trial": 1}, "1 GPUs per trial for 4 workers"),
         ({"CPU": 16, "GPU": 8}, (None, None, 4, None), {"gpus_per_worker": 1}, (12, 4, 1)),  # the CLI's W
         ({"CPU": 3}, (None, None, 2, None), {}, (2, 0, 1)),  # capped at what fits beside the driver; CPU only
         ({"CPU": 16}, (None, None, 2, 1), {}, "--gpus-per-worker 1: 2 workers need 2 GPUs, the Ray cluster has 0"),

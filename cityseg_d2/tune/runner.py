@@ -134,6 +134,11 @@ def resolve_resources(
         if sweep.gpus_per_trial > 0:
             logger.warning("the Ray cluster has no GPU: the sweep's trials run on the CPU")
         gpus = workers if cluster_gpus else 0
+    if workers > 1 and gpus not in (0, workers):
+        raise ConfigError(
+            f"{gpus:g} GPUs per trial for {workers} workers: a worker takes a whole GPU (NCCL runs one process per "
+            "GPU) or none; set gpus_per_worker 1 or 0"
+        )
     resolved = replace(sweep, cpus_per_trial=cpus, gpus_per_trial=gpus)
     if workers > 1 and not sweep.max_concurrent_trials:
         # A trial that waits for its workers holds its driver's CPU: start no more trials than the cluster holds.
