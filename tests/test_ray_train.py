@@ -65,8 +65,8 @@ def test_bad_worker_resources_in_a_sweep_file_fail_in_one_line(resources, messag
         ({"CPU": 3}, (None, None, 2, None), {}, (2, 0, 1)),  # capped at what fits beside the driver; CPU only
         ({"CPU": 16}, (None, None, 2, 1), {}, "--gpus-per-worker 1: 2 workers need 2 GPUs, the Ray cluster has 0"),
         ({"CPU": 16, "GPU": 2}, (None, 1, 2, 1), {}, "--gpus-per-trial and --gpus-per-worker: give one of them"),
-        ({"CPU": 6}, (6, None, 2, None), {}, "6 CPUs per trial (+1 for its Ray Train driver), but the Ray cluster has 6"),
-        ({"CPU": 16, "GPU": 8}, (None, None, 1, None), {"workers_per_trial": 4, "gpus_per_trial": 4}, "more than one GPU"),
+        ({"CPU": 6}, (6, None, 2, None), {}, "6 CPUs per trial (+1 for its Ray Train driver), but the Ray cluster"),
+        ({"CPU": 16, "GPU": 8}, (None, None, 1, None), {"workers_per_trial": 4, "gpus_per_trial": 4}, "than one GPU"),
     ],
 )
 def test_worker_resources_come_from_cli_then_sweep_then_cluster(cluster, cli, file, expected):

@@ -61,7 +61,10 @@ def argument_parser():
         help="train on the Ray cluster there, as --num-workers Ray Train workers (OUTPUT_DIR on storage all nodes share)",
     )
     parser.add_argument(
-        "--num-workers", type=int, default=1, help="with --ray-address: Ray Train workers, one GPU each where there are GPUs"
+        "--num-workers",
+        type=int,
+        default=1,
+        help="with --ray-address: Ray Train workers, one GPU each where there are GPUs",
     )
     return parser
 

@@ -157,7 +157,7 @@ def _with_workers(sweep, workers_per_trial, gpus_per_worker, gpus_per_trial):
         if gpus_per_trial is not None:
             raise ConfigError("--gpus-per-trial and --gpus-per-worker: give one of them")
         if not 0 <= gpus_per_worker <= 1:
-            raise ConfigError(f"--gpus-per-worker {gpus_per_worker:g}: must be between 0 and 1 (one process per worker)")
+            raise ConfigError(f"--gpus-per-worker {gpus_per_worker:g}: must be between 0 and 1 (one process)")
     workers = workers_per_trial or sweep.workers_per_trial
     if workers > 1 and sweep.scheduler.get("type") == "pbt":
         # An exploit restores another trial's checkpoint, and a multi-worker trial restores its own Ray Train run's.

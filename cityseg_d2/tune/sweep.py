@@ -179,7 +179,7 @@ def _check_sweep_options(sweep, fail):
             f"got {sweep.gpus_per_trial!r}"
         )
     if not _is_number(sweep.gpus_per_worker) or sweep.gpus_per_worker > 1 or (-1 < sweep.gpus_per_worker < 0):
-        fail(f"resources: gpus_per_worker must be between 0 and 1 (one process per worker), got {sweep.gpus_per_worker!r}")
+        fail(f"resources: gpus_per_worker must be between 0 and 1 (one process), got {sweep.gpus_per_worker!r}")
     if 0 <= sweep.gpus_per_worker and 0 <= sweep.gpus_per_trial != sweep.gpus_per_worker * workers:
         fail(
             f"resources: gpus_per_trial {sweep.gpus_per_trial:g} is not workers_per_trial {workers} x gpus_per_worker "
