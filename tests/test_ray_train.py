@@ -174,6 +174,7 @@ def _wandb_runs(wandb_runs, output_dir):
         return OfflineRun.all(wandb_runs, f.read().strip())
 
 
+@pytest.mark.slow
 def test_a_two_worker_trial_trains_with_world_size_2_and_reports_once_per_evaluation(two_worker_sweep):
     result = two_worker_sweep[0][1.0]
     assert result.error is None
@@ -194,6 +195,7 @@ def test_a_two_worker_trial_trains_with_world_size_2_and_reports_once_per_evalua
     assert {"tune_checkpoint.pth", "last_checkpoint", WANDB_RUN_ID_FILE} <= set(os.listdir(checkpoint))
 
 
+@pytest.mark.slow
 def test_a_failed_two_worker_trial_is_restored_on_both_workers(two_worker_sweep):
     results, wandb_runs = two_worker_sweep
     output = os.path.join(results[1.0].path, "output")
@@ -207,6 +209,7 @@ def test_a_failed_two_worker_trial_is_restored_on_both_workers(two_worker_sweep)
     assert [(run.state, run.exit_code) for run in runs] == [("failed", 1), ("finished", 0)]
 
 
+@pytest.mark.slow
 def test_a_two_worker_trial_that_asha_stops_ends_at_the_report_on_both_workers(two_worker_sweep):
     results, wandb_runs = two_worker_sweep
     stopped = results[20.0]
@@ -245,6 +248,7 @@ def _untimed(rows):
     return [{k: v for k, v in row.items() if "time" not in k and k != "eta_seconds"} for row in rows]
 
 
+@pytest.mark.slow
 def test_train_net_on_ray_writes_what_a_local_run_writes(local_ray, run_tool, tmp_path):
     """One Ray Train worker against a local run, both one process of world size 1 with the same SEED and one torch
     thread (Ray gives a 1-CPU worker one; set here for the local run): the same Trainer on the same data in the same
