@@ -403,8 +403,9 @@ class WandbEvalPanelHook(HookBase):
     ones every time) with the model's masks and boxes (scores from VIS_SCORE_THRESHOLD up) next to the ground truth,
     as W&B image overlays.
 
-    Runs when EvalHook does (every TEST.EVAL_PERIOD and after the last iteration) and reads its results from the
-    EventStorage, so it goes after EvalHook, and before PeriodicWriter, whose after_train finishes the run.
+    Runs when cityseg_d2's EvalHook does (every TEST.EVAL_PERIOD, in the last iteration, and in after_train of a
+    resumed training with nothing left to train) and reads its results from the EventStorage, so it goes after
+    EvalHook, and before PeriodicWriter, whose after_train finishes the run.
     """
 
     def __init__(self, session, cfg, dataset_name):
@@ -418,17 +419,16 @@ class WandbEvalPanelHook(HookBase):
 
     def after_step(self):
         next_iter = self.trainer.iter + 1
-        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
-            self._log_evaluation()
+        if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
+            self._log_evaluation(self.trainer.storage.iter)
 
     def after_train(self):
-        if self.trainer.iter + 1 >= self.trainer.max_iter:  # as EvalHook: not after a failed training
-            self._log_evaluation()
+        if self.trainer.start_iter >= self.trainer.max_iter:  # nothing trained: EvalHook evaluated here
+            self._log_evaluation(self.trainer.max_iter - 1)
 
-    def _log_evaluation(self):
+    def _log_evaluation(self, iteration):
         if self._session.run is None:
             return
-        iteration = self.trainer.storage.iter
         self._log_per_class_table(iteration)
         if self._num_images > 0:
             self._log_panel(iteration)
@@ -522,10 +522,9 @@ class WandbCheckpointHook(HookBase):
         self._log_new_best()
         final = os.path.join(self._cfg.OUTPUT_DIR, "model_final.pth")  # PeriodicCheckpointer's at the last iteration
         if self.trainer.iter >= self.trainer.max_iter and os.path.isfile(final):
-            storage = self.trainer.storage
-            log_checkpoint_artifact(
-                self._session.run, final, "final", storage.iter, _eval_results_at(storage, storage.iter), self._cfg
-            )
+            last = self.trainer.max_iter - 1  # where the final checkpoint and its evaluation are logged
+            metrics = _eval_results_at(self.trainer.storage, last)
+            log_checkpoint_artifact(self._session.run, final, "final", last, metrics, self._cfg)
 
     def _log_new_best(self):
         best = self._best_checkpointer
