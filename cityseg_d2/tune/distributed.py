@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import sys
+import tempfile
 
 import ray
 import ray.train
@@ -113,17 +114,20 @@ def _workers_stay_in_place():
 
 def launch_on_ray(main_func, args, num_workers, cpus_per_worker, gpus_per_worker):
     """detectron2's launch on `num_workers` Ray Train workers of the connected cluster: each runs main_func(args)
-    (args from detectron2's default_argument_parser), rank 0 being the main process."""
-    trainer = TorchTrainer(
-        _run_main,
-        train_loop_config={"main": main_func, "args": args, "use_gpu": gpus_per_worker > 0},
-        scaling_config=scaling_config(num_workers, cpus_per_worker, gpus_per_worker),
-        # Ray Train's own INFO lines (with a worker's traceback when it fails) would bury the training's log and the
-        # one line a UserError of a worker ends with.
-        run_config=ray.train.RunConfig(logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
-    try:
-        with _workers_stay_in_place():
+    (args from detectron2's default_argument_parser), rank 0 being the main process. Ray Train's record of the run
+    goes to a temporary folder: its checkpoints are detectron2's, in OUTPUT_DIR."""
+    with tempfile.TemporaryDirectory(prefix="ray_train_") as run_record, _workers_stay_in_place():
+        trainer = TorchTrainer(
+            _run_main,
+            train_loop_config={"main": main_func, "args": args, "use_gpu": gpus_per_worker > 0},
+            scaling_config=scaling_config(num_workers, cpus_per_worker, gpus_per_worker),
+            # Ray Train's own INFO lines (with a worker's traceback when it fails) would bury the training's log and
+            # the one line a UserError of a worker ends with.
+            run_config=ray.train.RunConfig(
+                storage_path=run_record, logging_config=ray.train.LoggingConfig(log_level="WARNING")
+            ),
+        )
+        try:
             trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise_worker_error(e)
+        except ray.train.TrainingFailedError as e:
+            raise_worker_error(e)
