@@ -22,7 +22,7 @@ from ..config import get_cityseg_cfg
 from ..data import CLASS_SETS, MASK_SOURCES, register_from_config
 from ..errors import CityscapesDataError, ConfigError, OutputDirError, first_line
 from ..evaluation import check_evaluator_names, reported_metrics
-from ..integrations import WANDB_MODES
+from ..integrations import wandb_mode
 from .checkpoint import eval_only_fit_error, resume_candidates, resume_point, untrusted_pickle_error, weights_fit
 from .output_dir import check_output_dir, claim_output_dir
 
@@ -120,8 +120,7 @@ def _check_ranges(cfg):
         )
     if cfg.CITYSEG.BEST_CHECKPOINT_MODE not in ("max", "min"):
         raise ConfigError(f"CITYSEG.BEST_CHECKPOINT_MODE is {cfg.CITYSEG.BEST_CHECKPOINT_MODE!r}: use max or min")
-    if cfg.WANDB.MODE and cfg.WANDB.MODE not in WANDB_MODES:
-        raise ConfigError(f"WANDB.MODE is {cfg.WANDB.MODE!r}: use one of {', '.join(WANDB_MODES)} or leave it empty")
+    wandb_mode(cfg)  # WANDB.MODE, else $WANDB_MODE, must be a mode W&B knows
 
 
 def _check_best_checkpoint_metric(cfg):
