@@ -84,6 +84,8 @@ def test_exported_model_detects_what_the_pytorch_model_detects(
         assert instances.pred_masks.dtype == torch.bool and instances.pred_masks.shape[1:] == image.shape[:2]
         parity = compare_detections(expected, instances)
         assert parity.ok, parity
+    listed = predictor(images[:2])  # as predict_images calls a predictor
+    assert [len(output["instances"]) for output in listed] == [len(r) for r in reference[:2]]
 
 
 def test_onnx_model_runs_on_an_image_without_detections(trained, images, run_tool, tmp_path):

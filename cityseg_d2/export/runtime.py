@@ -20,8 +20,12 @@ from .exporter import METADATA_KEY, resize_for_model
 
 class ExportedPredictor:
     """predictor(bgr_image) -> {"instances": Instances} with pred_boxes, scores, pred_classes and pred_masks (bool)
-    in the image's size, as DefaultPredictor returns; `metadata` holds the classes (and colours and Cityscapes
-    label ids) the model was exported with, for Visualizer and the Cityscapes result files."""
+    in the image's size, as DefaultPredictor returns; predictor([bgr_image, ...]) -> a list of those, as the
+    batched predictor of cityseg_d2.modeling (and so engine.predict.predict_images) calls it, one image a pass.
+    `metadata` holds the classes (and colours and Cityscapes label ids) the model was exported with, for the
+    overlays and the Cityscapes result files."""
+
+    batch_size = 1  # images per pass, read by predict_images
 
     def __init__(self, path):
         if not os.path.isfile(path):
@@ -77,8 +81,13 @@ class ExportedPredictor:
 
         return run, session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
 
-    def __call__(self, original_image):
-        """original_image: HWC uint8 in BGR order (what cv2.imread and detectron2's read_image(format="BGR") give)."""
+    def __call__(self, images):
+        """images: an HWC uint8 image in BGR order (what cv2.imread and read_image(format="BGR") give), or a list."""
+        if isinstance(images, (list, tuple)):
+            return [self._predict(image) for image in images]
+        return self._predict(images)
+
+    def _predict(self, original_image):
         image = original_image[:, :, ::-1] if self.info["input_format"] == "RGB" else original_image
         height, width = original_image.shape[:2]
         resized = resize_for_model(image, self.info["min_size_test"], self.info["max_size_test"])
