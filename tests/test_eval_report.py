@@ -159,6 +159,7 @@ def test_report_of_a_trained_model_equals_its_evaluation(trained_quickstart, run
         (["--config-file", QUICKSTART], "error: no weights: pass --weights W (with --config-file), or --predictions"),
         (["--config-file", QUICKSTART, "--weights", "missing.pth"], "error: MODEL.WEIGHTS file not found: missing.pth"),
         (["--predictions", "missing.npz"], "error: predictions file missing.npz not found"),
+        (["--predictions", "p.npz", "--weights", "w.pth"], "error: give --weights (run the model) or --predictions"),
         (["--config-file", QUICKSTART, "--weights", "{weights}", "--dataset", "report_empty"], "error: data set "
          "report_empty has no images"),
     ],

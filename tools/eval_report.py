@@ -55,6 +55,8 @@ def run_model(args):
 
 def main(args):
     setup_logger(name="cityseg_d2")
+    if args.predictions and args.weights:
+        raise ConfigError("give --weights (run the model) or --predictions (report a saved run), not both")
     if args.predictions:
         cfg = prepare_config(args.config_file, args.opts) if args.config_file else None
         predictions_file = args.predictions
