@@ -1,11 +1,13 @@
 """detectron2's DefaultTrainer with Cityscapes evaluators, best-checkpoint keeping, crash-safe checkpoints and
 outputs (see engine/checkpoint.py and engine/hooks.py) and one-line messages for what a user can fix."""
+import contextlib
+import functools
 import logging
 import os
 import weakref
 
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, defaults, hooks
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 
@@ -43,6 +45,22 @@ class _OneLineUserErrors(logging.Filter):
 _ONE_LINE_USER_ERRORS = _OneLineUserErrors()
 
 
+@contextlib.contextmanager
+def _data_parallel_on_cpu(cfg):
+    """detectron2's create_ddp_model hands DDP the local rank as a CUDA device id, which DDP refuses for a model on
+    the CPU: with several processes on CPUs (gloo; a Ray Train worker, launch without GPUs), the Trainer's model is
+    wrapped without one."""
+    if cfg.MODEL.DEVICE != "cpu" or comm.get_world_size() == 1:
+        yield
+        return
+    create_ddp_model = defaults.create_ddp_model
+    defaults.create_ddp_model = functools.partial(create_ddp_model, device_ids=None)
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = create_ddp_model
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer whose evaluators come from TEST.EVALUATORS, which keeps the best checkpoint
     (CITYSEG.BEST_CHECKPOINT_METRIC) and logs to Weights & Biases when the config turns it on.
@@ -60,7 +78,8 @@ class Trainer(DefaultTrainer):
     resume_hint = "continue from it with --resume"
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with _data_parallel_on_cpu(cfg):
+            super().__init__(cfg)
         # The fast path's training step (engine/train_loop.py) where the config asks for it.
         loop = self._trainer
         self._trainer = build_train_loop(cfg, loop.model, loop.data_loader, loop.optimizer)

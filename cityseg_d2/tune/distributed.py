@@ -9,7 +9,6 @@ detectron2 divides by the world size.
 """
 import argparse
 import contextlib
-import functools
 import os
 import sys
 import tempfile
@@ -17,7 +16,6 @@ import tempfile
 import ray
 import ray.train
 import torch.distributed as dist
-from detectron2.engine import defaults
 from detectron2.utils import comm
 from ray.train.torch import TorchTrainer
 
@@ -37,21 +35,6 @@ def setup_detectron2_comm():
         if node == context.get_node_rank():
             comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
-
-
-@contextlib.contextmanager
-def data_parallel_on_cpu(use_gpu):
-    """detectron2's create_ddp_model hands DDP the local rank as a CUDA device id, which DDP refuses for a model on
-    the CPU: in a worker without a GPU (gloo), models are wrapped without one while the Trainer is built."""
-    if use_gpu or comm.get_world_size() == 1:
-        yield
-        return
-    create_ddp_model = defaults.create_ddp_model
-    defaults.create_ddp_model = functools.partial(create_ddp_model, device_ids=None)
-    try:
-        yield
-    finally:
-        defaults.create_ddp_model = create_ddp_model
 
 
 @contextlib.contextmanager
@@ -92,7 +75,7 @@ def _run_main(config):
     setup_detectron2_comm()
     args = argparse.Namespace(**vars(config["args"]))
     args.opts = [*args.opts, *worker_device_opts(config["use_gpu"])]
-    with wandb_flushed(), data_parallel_on_cpu(config["use_gpu"]):
+    with wandb_flushed():
         config["main"](args)
 
 

@@ -36,7 +36,7 @@ from ray.util.queue import Queue as RayQueue
 from ..engine import Trainer, prepare_config
 from ..errors import TrainingStopped
 from ..integrations import WANDB_RUN_ID_FILE
-from .distributed import data_parallel_on_cpu, scaling_config, setup_detectron2_comm, wandb_flushed
+from .distributed import scaling_config, setup_detectron2_comm, wandb_flushed
 from .pbt import config_hyperparameters
 from .sweep import Sweep
 
@@ -376,8 +376,7 @@ def _train_trial(loop_config):
         if comm.is_main_process():
             reports.put((restored, True))
         return
-    with data_parallel_on_cpu(use_gpu):
-        trainer = Trainer(cfg)
+    trainer = Trainer(cfg)
     _tag_wandb_run(trainer, sweep.name, trial_name, sampled)
     report = partial(_report_to_ray_and_tune, trainer, reports, decisions, trial_name)
     trainer.register_hooks([TuneReportHook(cfg.TEST.EVAL_PERIOD, report), *(make(cfg) for make in spec.hooks)])
