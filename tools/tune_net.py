@@ -28,11 +28,11 @@ import argparse
 import logging
 
 import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
-import ray
 
 from cityseg_d2.engine import prepare_config
 from cityseg_d2.errors import ConfigError, run_cli
 from cityseg_d2.tune import (
+    Cluster,
     connect_ray,
     experiment_path,
     load_saved_sweep,
@@ -72,6 +72,12 @@ def build_parser():
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue the sweep STORAGE/NAME with the sweep and config it started with"
+    )
+    parser.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="the Ray cluster adds nodes (also detected where Ray reports its autoscaler): trials no node holds now "
+        "wait for one (PENDING) instead of being refused",
     )
     parser.add_argument("--name", default="", help="experiment name (default: the sweep's name or file name)")
     parser.add_argument("--storage", default="output/sweeps", help="where experiments go (shared by all nodes)")
@@ -114,10 +120,10 @@ def main(args):
     if args.resume:
         results = resume_sweep(sweep, cfg, experiment_dir)
     else:
-        sweep = resolve_resources(
-            sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial, args.workers_per_trial,
-            args.gpus_per_worker,
-        )  # fmt: skip
+        cluster = Cluster.probe(autoscale=args.autoscale)
+        requested = (args.cpus_per_trial, args.gpus_per_trial, args.workers_per_trial, args.gpus_per_worker)
+        sweep = resolve_resources(sweep, cfg, cluster.capacity(sweep, *requested), *requested)
+        cluster.check(sweep)  # a trial's process must fit on one node
         results = start_sweep(sweep, cfg, experiment_dir)
     rows = trial_rows(results, sweep, cfg)
     write_summary(rows, experiment_dir)

@@ -5,6 +5,8 @@
   checkpoints, restore);
 - distributed: our Trainer data-parallel on Ray Train workers (detectron2's comm on Ray's process group);
 - runner: joining a Ray cluster, per-trial resources, starting and resuming a sweep, train_net on a Ray cluster;
+- resources: whether a trial fits the cluster's nodes (or the nodes an autoscaler adds);
+- pbt: population-based training (Ray's PBT; a restored trial keeps its config's optimizer values);
 - results: the summary from Ray's ResultGrid (trials.csv / trials.json, best_config.yaml).
 
 tools/tune_net.py is the command line.
@@ -21,10 +23,12 @@ from .runner import (
     start_sweep,
     train_on_ray,
 )
+from .resources import Cluster
 from .sweep import ParamSpec, Sweep, load_sweep, parse_sweep, validate_sweep
 from .trial import TrialSpec, TuneReportHook, trial_config
 
 __all__ = [
+    "Cluster",
     "ParamSpec",
     "Sweep",
     "TrialSpec",
