@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Dict
 
 import torch
@@ -152,13 +153,32 @@ def _tracing_adapter(model, image):
 
 
 def _export_torchscript(model, image, export_method, path, metadata):
-    if export_method == "scripting":
-        exported = scripting_with_instances(_ScriptableInference(model).eval(), _SCRIPTED_INSTANCE_FIELDS)
-    else:
-        adapter = _tracing_adapter(model, image)
-        # check_trace would rerun and compare the trace; the runtime's parity with the model is what we check.
-        exported = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-    torch.jit.save(exported, path, _extra_files={METADATA_KEY: json.dumps(metadata)})
+    with _quiet_export():
+        if export_method == "scripting":
+            exported = scripting_with_instances(_ScriptableInference(model).eval(), _SCRIPTED_INSTANCE_FIELDS)
+        else:
+            adapter = _tracing_adapter(model, image)
+            # check_trace would rerun and compare the trace; the runtime's parity with the model is what we check.
+            exported = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+        torch.jit.save(exported, path, _extra_files={METADATA_KEY: json.dumps(metadata)})
+
+
+# torch deprecates TorchScript (jit.trace/script/save/load) in favour of torch.export, which detectron2's inference
+# does not pass; said once in README.md rather than at every call.
+TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """Without the warnings every export of detectron2's Mask R-CNN prints: a TracerWarning at each Python branch
+    on a tensor (those branches do not depend on the image for Mask R-CNN), the warning that ONNX advanced
+    indexing is wrong for negative indices (detectron2 indexes with non-negative ones), TorchScript's deprecation.
+    The parity check after the export runs the exported graph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+        warnings.filterwarnings("ignore", message=TORCHSCRIPT_DEPRECATION, category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
@@ -185,7 +205,7 @@ def _export_onnx(model, image, opset, path, metadata):
     # On an unsupported operator torch prints the whole TorchScript graph (thousands of lines) to stdout.
     failure_log = os.path.splitext(path)[0] + "_export_failure.log"
     try:
-        with _stdout_to(failure_log), empty_batch_group_norm(opset):
+        with _stdout_to(failure_log), empty_batch_group_norm(opset), _quiet_export():
             torch.onnx.export(
                 adapter,
                 adapter.flattened_inputs,

@@ -7,6 +7,7 @@ boxes scaled and the 28x28 mask probabilities pasted into the original image (de
 
 import json
 import os
+import warnings
 import zipfile
 
 import torch
@@ -15,7 +16,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from ..errors import UserError, first_line
-from .exporter import METADATA_KEY, resize_for_model
+from .exporter import METADATA_KEY, TORCHSCRIPT_DEPRECATION, resize_for_model
 
 
 class ExportedPredictor:
@@ -46,7 +47,9 @@ class ExportedPredictor:
     def _load_torchscript(self, path):
         extra_files = {METADATA_KEY: ""}
         try:
-            module = torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=TORCHSCRIPT_DEPRECATION, category=FutureWarning)
+                module = torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
         except RuntimeError as e:
             raise UserError(f"{path} is not a TorchScript model torch.jit.load can read: {first_line(e)}") from e
 
