@@ -33,8 +33,8 @@ def _add_evaluation_keys(cfg):
     # protocol), "cityscapes" (the official cityscapesscripts script), "coco" (bbox and segm COCO AP).
     cfg.TEST.EVALUATORS = ["cityscapes_fast"]
     c = cfg.TEST.CITYSCAPES = CN()
-    # Each image's ground truth decoded once and kept (compact .npz) in the evaluation output folder's
-    # cityscapes_gt_regions/, so later evaluations skip decoding the instanceIds PNGs.
+    # Each image's ground truth decoded once and kept (compact .npz) in the dataset cache ($CITYSEG_D2_CACHE_DIR, else
+    # ~/.cache/cityseg_d2) under cityscapes_gt_regions/, so every later evaluation skips decoding the instanceIds PNGs.
     c.CACHE_GROUND_TRUTH = True
     # "cityscapes_fast" also saves the predictions (masks as RLE) to <output>/cityscapes_predictions.npz,
     # which tools/eval_report.py analyses without running the model again.

@@ -412,13 +412,14 @@ def test_ground_truth_cache_decodes_each_png_once_and_notices_a_change(sweep_dat
         cache.load(str(tmp_path / "missing.png"))
 
 
-def test_fast_evaluator_with_a_ground_truth_cache_and_saved_predictions(sweep_dataset, tmp_path):
+def test_fast_evaluator_with_a_ground_truth_cache_and_saved_predictions(sweep_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("CITYSEG_D2_CACHE_DIR", str(tmp_path / "dataset_cache"))
     name = sweep_dataset("cityscapes8")
     dicts, outputs = DatasetCatalog.get(name), _outputs(name, "mixed", 2)
     official = _evaluate(CityscapesInstanceEvaluator(name), dicts, outputs)["segm"]
     cold = FastCityscapesInstanceEvaluator(name, str(tmp_path), save_predictions=True)
     _assert_same(official, _evaluate(cold, dicts, outputs)["segm"])
-    assert len(os.listdir(tmp_path / CACHE_DIR)) == len(dicts)
+    assert len(os.listdir(tmp_path / "dataset_cache" / CACHE_DIR)) == len(dicts)  # kept in the dataset cache
     _assert_same(official, _evaluate(FastCityscapesInstanceEvaluator(name, str(tmp_path)), dicts, outputs)["segm"])
     saved = PredictionsFile.load(str(tmp_path / PREDICTIONS_FILE))
     assert (saved.dataset, saved.class_names) == (name, EvaluatedClasses.of_dataset(name).names)

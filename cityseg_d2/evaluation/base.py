@@ -14,6 +14,7 @@ from detectron2.evaluation import DatasetEvaluator
 from tabulate import tabulate
 
 from cityseg_d2.data import gt_instance_ids_path
+from cityseg_d2.data.cache import cache_dir
 
 from .ground_truth import CACHE_DIR, GroundTruthCache, GroundTruthRegions
 from .protocol import EvaluatedClasses, ImageOverlaps, ImagePredictions
@@ -54,8 +55,9 @@ def segm_results(class_aps, class_ap50s, mean_ap, mean_ap50, matterport_aps, cla
 class CityscapesEvaluatorBase(DatasetEvaluator):
     """Reads each processed image's ground truth and predictions; both Cityscapes evaluators build on it.
 
-    With an output_dir and cache_ground_truth, each image's ground truth is decoded once and kept in
-    output_dir/cityscapes_gt_regions (see ground_truth.GroundTruthCache), so later evaluations skip the PNGs.
+    With cache_ground_truth, each image's ground truth is decoded once and kept in the dataset cache
+    (cityseg_d2.data.cache.cache_dir()/cityscapes_gt_regions, see ground_truth.GroundTruthCache), so every later
+    evaluation, of any training or sweep trial on this machine, skips the PNGs.
     """
 
     def __init__(self, dataset_name, output_dir=None, cache_ground_truth=True):
@@ -63,8 +65,7 @@ class CityscapesEvaluatorBase(DatasetEvaluator):
         self._metadata = MetadataCatalog.get(dataset_name)
         self._classes = EvaluatedClasses.of_dataset(dataset_name)
         self._output_dir = output_dir
-        use_cache = output_dir and cache_ground_truth
-        self._gt_cache = GroundTruthCache(os.path.join(output_dir, CACHE_DIR)) if use_cache else None
+        self._gt_cache = GroundTruthCache(os.path.join(cache_dir(), CACHE_DIR)) if cache_ground_truth else None
 
     def _images(self, inputs, outputs, on_host=True):
         """(dataset dict, ground-truth path, ImagePredictions, ImageOverlaps) of each processed image; with
