@@ -1,21 +1,32 @@
 #!/usr/bin/env python
-"""What ASHA saves: one learning-rate grid swept twice, every trial to the end (FIFO) and with ASHA.
+"""Does ASHA pay? One learning-rate grid swept twice, every trial to the end (FIFO) and with ASHA.
 
-Prints, side by side, the trials' compute (iterations trained, allocated CPU- and GPU-seconds, wall clock)
-and the best metric each sweep found. Not a test: numbers depend on the machine. On the synthetic data set:
+The study is one where ranking is possible: at least 8 learning rates by default, an evaluation (a Tune report)
+every --eval-period iterations, ASHA's first rung (--grace) after the warm-up (SOLVER.WARMUP_ITERS) and its later
+rungs at grace x reduction_factor^k below --max-iter. SEED is fixed, so a learning rate is the same trial in both
+arms: a trial ASHA runs to the end reproduces the grid's (the tool prints how closely). Trials reuse Ray actors in
+both arms (reuse_actors), so a trial starts without a new process.
 
-  python tools/benchmark_tune.py                                    # quickstart config, 5 learning rates
-  python tools/benchmark_tune.py --lrs 0.005 0.01 0.02 0.04 --max-iter 600 --eval-period 100 --grace 100
+Prints per arm the trials stopped early, the iterations trained, the CPU-seconds used (every process of the Ray
+session, read from /proc: Linux only), the wall clock and the best trial; then ASHA's share of the grid's
+CPU-seconds and the gap between the two arms' best, with the load average. Not a test: the figures depend on the
+machine and its load. The study of README (synthetic data set, 128 px):
+
+  python tools/benchmark_tune.py --max-iter 900 --eval-period 100 --grace 100 --reduction-factor 3 \\
+      INPUT.MIN_SIZE_TRAIN "(128,)" INPUT.MAX_SIZE_TRAIN 256 INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 256 \\
+      SOLVER.STEPS "(700,)" DATALOADER.NUM_WORKERS 0
 """
+
 import argparse
 import os
+import threading
 import time
 
 import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 import ray
 
 from cityseg_d2.engine import prepare_config
-from cityseg_d2.errors import run_cli
+from cityseg_d2.errors import ConfigError, run_cli
 from cityseg_d2.tune import (
     connect_ray,
     format_table,
@@ -29,16 +40,76 @@ from cityseg_d2.tune import (
 )
 
 QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
+LRS = [0.0025, 0.0035, 0.005, 0.007, 0.01, 0.014, 0.02, 0.028, 0.04]  # geometric, x1.4
+
+
+class ProcessTreeCPU:
+    """CPU-seconds (user + system) used by this process and its descendants (Ray's raylet and workers) while it runs.
+
+    A process's own times are read from /proc/<pid>/stat every `interval` seconds and the last reading of each process
+    counts, also of those that have exited since (a Ray worker's times reach no parent that waits for it): at most
+    `interval` of a short-lived process is missed.
+    """
+
+    def __init__(self, interval=0.5):
+        self._interval = interval
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        self._last = {}  # (pid, start time) -> CPU-seconds at the last reading
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._baseline = self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._read())
+
+    @property
+    def seconds(self):
+        return sum(seconds - self._baseline.get(key, 0.0) for key, seconds in self._last.items())
+
+    def _poll(self):
+        while not self._stop.wait(self._interval):
+            self._last.update(self._read())
+
+    def _read(self):
+        """{(pid, start time): CPU-seconds} of this process and its descendants now."""
+        stats = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:  # exited meanwhile
+                    continue
+                # After the command: state, ppid, ... utime (12th), stime (13th), ... starttime (20th).
+                stats[int(name)] = (int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / self._ticks)
+        children = {}
+        for pid, (ppid, _, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        seconds, todo = {}, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                _, start, used = stats[pid]
+                seconds[pid, start] = used
+                todo += children.get(pid, [])
+        return seconds
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=QUICKSTART)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02, 0.04], help="the LR grid")
-    parser.add_argument("--max-iter", type=int, default=300)
-    parser.add_argument("--eval-period", type=int, default=50)
-    parser.add_argument("--grace", type=int, default=50, help="ASHA grace period (iterations)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the SOLVER.BASE_LR grid")
+    parser.add_argument("--max-iter", type=int, default=900, help="SOLVER.MAX_ITER, ASHA's max_t")
+    parser.add_argument("--eval-period", type=int, default=100, help="TEST.EVAL_PERIOD: a report each")
+    parser.add_argument("--grace", type=int, default=100, help="ASHA's first rung (iterations), after the warm-up")
     parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="SEED of every trial, so both arms train the same trials")
     parser.add_argument("--metric", default="segm/AP")
     parser.add_argument("--mode", default="max")
     parser.add_argument("--cpus-per-trial", type=float, default=None)
@@ -47,6 +118,17 @@ def build_parser():
     parser.add_argument("--storage", default="output/benchmark_tune")
     parser.add_argument("opts", nargs="*", default=[], metavar="KEY VALUE", help="overrides of the base config")
     return parser
+
+
+def check_study(args, cfg):
+    """One line for a study where ASHA cannot rank trials: a rung inside the warm-up, or rungs between reports."""
+    if args.grace <= cfg.SOLVER.WARMUP_ITERS:
+        raise ConfigError(
+            f"--grace {args.grace} is within the warm-up (SOLVER.WARMUP_ITERS {cfg.SOLVER.WARMUP_ITERS}): ASHA would "
+            "rank trials before they train at their learning rate; raise --grace or lower the warm-up"
+        )
+    if args.grace % args.eval_period:
+        raise ConfigError(f"--grace {args.grace} must be a multiple of --eval-period {args.eval_period} (the reports)")
 
 
 def sweep_of(args, name, scheduler):
@@ -66,27 +148,31 @@ def run(args, sweep, cfg):
     sweep = resolve_resources(sweep, cfg, ray.cluster_resources(), args.cpus_per_trial, args.gpus_per_trial)
     experiment_dir = new_experiment(args.storage, sweep.name)
     start = time.perf_counter()
-    results = start_sweep(sweep, cfg, experiment_dir)
+    with ProcessTreeCPU() as cpu:
+        results = start_sweep(sweep, cfg, experiment_dir)
     wall = time.perf_counter() - start
     rows = trial_rows(results, sweep, cfg)
     write_summary(rows, experiment_dir)
-    trial_seconds = sum(r.metrics.get("time_total_s", 0) for r in results if r.metrics)
     best = rows[0]
-    return {
+    trial_seconds = sum(result.metrics.get("time_total_s", 0) for result in results if result.metrics)
+    figures = {
         "trials": len(rows),
         "stopped early": sum(r["status"] == "stopped early" for r in rows),
         "iterations trained": sum(r["iterations"] for r in rows),
-        "CPU-seconds (allocated)": trial_seconds * sweep.cpus_per_trial,
-        "GPU-seconds (allocated)": trial_seconds * sweep.gpus_per_trial,
+        "CPU-seconds": cpu.seconds,
+        "trial-seconds (Tune's time_total_s)": trial_seconds,
+        "GPU-seconds (allocated to trials)": trial_seconds * sweep.gpus_per_trial,
         "wall clock (s)": wall,
         f"best {sweep.metric}": best[sweep.metric],
         "best SOLVER.BASE_LR": best["SOLVER.BASE_LR"],
     }
+    return figures, rows
 
 
 def main(args):
-    opts = ["SOLVER.MAX_ITER", str(args.max_iter), "TEST.EVAL_PERIOD", str(args.eval_period), *args.opts]
-    cfg = prepare_config(args.config_file, opts)
+    opts = ["SOLVER.MAX_ITER", str(args.max_iter), "TEST.EVAL_PERIOD", str(args.eval_period), "SEED", str(args.seed)]
+    cfg = prepare_config(args.config_file, [*opts, *args.opts])
+    check_study(args, cfg)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     grid = sweep_of(args, f"grid_{stamp}", {"type": "fifo"})
     asha = sweep_of(
@@ -95,13 +181,28 @@ def main(args):
     for sweep in (grid, asha):
         validate_sweep(sweep, cfg)
     connect_ray(args.address)
-    figures = {"full grid": run(args, grid, cfg), "ASHA": run(args, asha, cfg)}
+    load = os.getloadavg()
+    (grid_figures, grid_rows), (asha_figures, asha_rows) = run(args, grid, cfg), run(args, asha, cfg)
 
     print(f"\n{len(args.lrs)} learning rates, {args.max_iter} iterations, evaluation every {args.eval_period}, "
-          f"ASHA grace {args.grace}, reduction factor {args.reduction_factor}; {args.config_file}")  # fmt: skip
-    print(format_table([{"": key, **{arm: figures[arm][key] for arm in figures}} for key in figures["full grid"]]))
+          f"ASHA grace {args.grace}, reduction factor {args.reduction_factor}, SEED {args.seed}; {args.config_file} "
+          f"{' '.join(args.opts)}")  # fmt: skip
+    figures = {"full grid": grid_figures, "ASHA": asha_figures}
+    print(format_table([{"": key, **{arm: figures[arm][key] for arm in figures}} for key in grid_figures]))
+    metric = f"best {args.metric}"
+    share = asha_figures["CPU-seconds"] / grid_figures["CPU-seconds"]
+    gap = (grid_figures[metric] - asha_figures[metric]) * (1 if args.mode == "max" else -1)
+    print(f"ASHA used {share:.0%} of the grid's CPU-seconds; its best is {gap:.2f} {args.metric} below the grid's best")
+    # The same SEED and values: where ASHA ran a trial to the end, it should have reached the grid's value.
+    grid_by_lr = {row["SOLVER.BASE_LR"]: row[args.metric] for row in grid_rows}
+    finished = [r for r in asha_rows if r["status"] == "finished" and r[args.metric] is not None]
+    differences = [abs(r[args.metric] - grid_by_lr[r["SOLVER.BASE_LR"]]) for r in finished]
+    if differences:
+        agreement = f"{max(differences):.3g} {args.metric}"
+        print(f"The {len(finished)} trials ASHA ran to the end match the grid's same trials within {agreement}")
     print(f"Experiments: {os.path.abspath(args.storage)}/{{{grid.name},{asha.name}}}")
-    print("Load average at the end (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
+    print(f"Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load)}; at the end: "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
 
 
 if __name__ == "__main__":
