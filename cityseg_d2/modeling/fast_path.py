@@ -1,6 +1,7 @@
-"""The fast path's switches as one list of config overrides (what configs/*_fast.yaml set)."""
+"""The fast path's switches as one list of config overrides: what tools/benchmark_speed.py runs as "ours"."""
 
-# Every switch of the fast path (configs/README.md, "Fast path"), as KEY VALUE overrides of any config.
+# The fast path (configs/README.md, "Fast path") as KEY VALUE overrides of any config: what configs/*_fast.yaml set,
+# plus bfloat16 inference, which those configs leave off for evaluation.
 FAST_PATH_OPTS = [
     "SOLVER.AMP.ENABLED", "True",
     "SOLVER.AMP.PRECISION", "bfloat16",
