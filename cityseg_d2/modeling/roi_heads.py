@@ -64,7 +64,7 @@ class BatchedFastRCNNOutputLayers(FastRCNNOutputLayers):
         return super().predict_probs((scores.float(), deltas), proposals)
 
     def inference(self, predictions, proposals):
-        if self.nms_method != "grouped" or not len(proposals):
+        if self.nms_method != "grouped" or not any(len(p) for p in proposals):
             return super().inference(predictions, proposals)
         boxes = self.predict_boxes(predictions, proposals)
         scores = self.predict_probs(predictions, proposals)
@@ -112,7 +112,7 @@ def batched_fast_rcnn_inference(boxes, scores, image_shapes, score_thresh, nms_t
     padded_boxes = torch.zeros((num_images, most, num_classes, 4), device=device)
     for i, (b, s) in enumerate(zip(boxes, scores)):
         padded_scores[i, : len(s)] = s
-        padded_boxes[i, : len(b)] = b.view(len(b), -1, 4)  # class-agnostic boxes broadcast to every class
+        padded_boxes[i, : len(b)] = b.view(len(b), b.shape[1] // 4, 4)  # class-agnostic: broadcast to every class
     real = torch.arange(most, device=device)[None, :] < host_values_to(counts, device, torch.int64)[:, None]
     finite = torch.isfinite(padded_boxes).all(dim=(2, 3)) & torch.isfinite(padded_scores).all(dim=2)
     padded_scores = padded_scores[..., :-1]
