@@ -1,24 +1,28 @@
 #!/usr/bin/env python
 """Does ASHA pay? One learning-rate grid swept twice, every trial to the end (FIFO) and with ASHA.
 
-The study is one where ranking is possible: at least 8 learning rates by default, an evaluation (a Tune report)
-every --eval-period iterations, ASHA's first rung (--grace) after the warm-up (SOLVER.WARMUP_ITERS) and its later
-rungs at grace x reduction_factor^k below --max-iter. SEED is fixed, so a learning rate is the same trial in both
-arms: a trial ASHA runs to the end reproduces the grid's (the tool prints how closely). Trials reuse Ray actors in
-both arms (reuse_actors), so a trial starts without a new process.
+The study is one where ranking is possible: 12 learning rates by default, an evaluation (a Tune report) every
+--eval-period iterations, ASHA's first rung (--grace) after the warm-up (SOLVER.WARMUP_ITERS) and its later rungs at
+grace x reduction_factor^k below --max-iter. SEED is fixed, so a learning rate is the same trial in both arms: a
+trial ASHA runs to the end reproduces the grid's (the tool prints how closely). Both arms take the learning rates in
+one seeded random order (--order-seed), as a random search would: Ray's ASHA lets the first trial at each rung go on
+unranked, and in ascending order those would be the smallest learning rates. Trials reuse Ray actors in both arms
+(reuse_actors), so a trial starts without a new process.
 
 Prints per arm the trials stopped early, the iterations trained, the CPU-seconds used (every process of the Ray
 session, read from /proc: Linux only), the wall clock and the best trial; then ASHA's share of the grid's
 CPU-seconds and the gap between the two arms' best, with the load average. Not a test: the figures depend on the
-machine and its load. The study of README (synthetic data set, 128 px):
+machine and its load. The study of README (synthetic data set at 128 px; warm-up 20, so the first rung is 40
+iterations past it):
 
-  python tools/benchmark_tune.py --max-iter 900 --eval-period 100 --grace 100 --reduction-factor 3 \\
-      INPUT.MIN_SIZE_TRAIN "(128,)" INPUT.MAX_SIZE_TRAIN 256 INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 256 \\
-      SOLVER.STEPS "(700,)" DATALOADER.NUM_WORKERS 0
+  python tools/benchmark_tune.py --cpus-per-trial 1 INPUT.MIN_SIZE_TRAIN "(128,)" INPUT.MAX_SIZE_TRAIN 256 \\
+      INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 256 SOLVER.WARMUP_ITERS 20 SOLVER.STEPS "(800,)" \\
+      DATASETS.CITYSCAPES.TEST_MAX_IMAGES 20 DATALOADER.NUM_WORKERS 0
 """
 
 import argparse
 import os
+import random
 import threading
 import time
 
@@ -40,7 +44,7 @@ from cityseg_d2.tune import (
 )
 
 QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
-LRS = [0.0025, 0.0035, 0.005, 0.007, 0.01, 0.014, 0.02, 0.028, 0.04]  # geometric, x1.4
+LRS = [0.0025, 0.0032, 0.0041, 0.0053, 0.0069, 0.0088, 0.0113, 0.0146, 0.0188, 0.0242, 0.0311, 0.04]  # x1.29
 
 
 class ProcessTreeCPU:
@@ -105,11 +109,12 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=QUICKSTART)
     parser.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the SOLVER.BASE_LR grid")
-    parser.add_argument("--max-iter", type=int, default=900, help="SOLVER.MAX_ITER, ASHA's max_t")
-    parser.add_argument("--eval-period", type=int, default=100, help="TEST.EVAL_PERIOD: a report each")
-    parser.add_argument("--grace", type=int, default=100, help="ASHA's first rung (iterations), after the warm-up")
-    parser.add_argument("--reduction-factor", type=int, default=3)
+    parser.add_argument("--max-iter", type=int, default=960, help="SOLVER.MAX_ITER, ASHA's max_t")
+    parser.add_argument("--eval-period", type=int, default=60, help="TEST.EVAL_PERIOD: a report each")
+    parser.add_argument("--grace", type=int, default=60, help="ASHA's first rung (iterations), after the warm-up")
+    parser.add_argument("--reduction-factor", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="SEED of every trial, so both arms train the same trials")
+    parser.add_argument("--order-seed", type=int, default=0, help="the seed of the learning rates' order (both arms)")
     parser.add_argument("--metric", default="segm/AP")
     parser.add_argument("--mode", default="max")
     parser.add_argument("--cpus-per-trial", type=float, default=None)
@@ -170,6 +175,7 @@ def run(args, sweep, cfg):
 
 
 def main(args):
+    args.lrs = random.Random(args.order_seed).sample(args.lrs, len(args.lrs))
     opts = ["SOLVER.MAX_ITER", str(args.max_iter), "TEST.EVAL_PERIOD", str(args.eval_period), "SEED", str(args.seed)]
     cfg = prepare_config(args.config_file, [*opts, *args.opts])
     check_study(args, cfg)
@@ -184,7 +190,8 @@ def main(args):
     load = os.getloadavg()
     (grid_figures, grid_rows), (asha_figures, asha_rows) = run(args, grid, cfg), run(args, asha, cfg)
 
-    print(f"\n{len(args.lrs)} learning rates, {args.max_iter} iterations, evaluation every {args.eval_period}, "
+    print(f"\nLearning rates in the order tried: {' '.join(f'{lr:g}' for lr in args.lrs)}")
+    print(f"{len(args.lrs)} learning rates, {args.max_iter} iterations, evaluation every {args.eval_period}, "
           f"ASHA grace {args.grace}, reduction factor {args.reduction_factor}, SEED {args.seed}; {args.config_file} "
           f"{' '.join(args.opts)}")  # fmt: skip
     figures = {"full grid": grid_figures, "ASHA": asha_figures}
