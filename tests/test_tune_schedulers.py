@@ -177,6 +177,8 @@ def test_pbt_exploit_applies_the_perturbed_lr_from_the_next_iteration(synthetic_
         run_id = f.read().strip()
     first, continued = OfflineRun.all(str(wandb_dir), run_id)
     assert continued.history[19]["lr"] == pytest.approx(new_lr, rel=1e-6)
+    assert continued.config["SOLVER"]["BASE_LR"] == pytest.approx(new_lr) != first.config["SOLVER"]["BASE_LR"]
+    assert continued.config["tune"]["SOLVER.BASE_LR"] == pytest.approx(new_lr)
     assert (continued.state, continued.exit_code) == ("finished", 0)
 
 
