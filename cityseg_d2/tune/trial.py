@@ -182,7 +182,8 @@ class TrialTrainable(tune.Trainable):
     detectron2's train() runs to the end, so it runs in a thread that pauses at each report until Tune asks for the
     next one (step); meanwhile Tune saves a checkpoint (save_checkpoint) and its scheduler decides. When Tune stops
     the trial (ASHA), cleanup() ends training at the report it paused at and waits until it has unwound through
-    detectron2's after_train hooks, which finish the trial's W&B run, before Ray ends the actor's process.
+    detectron2's after_train hooks, which finish the trial's W&B run, before Ray ends the actor's process; when Ray
+    keeps the actor for another trial instead, reset_config() does the same first.
     """
 
     def setup(self, config, spec):
