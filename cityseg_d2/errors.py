@@ -34,6 +34,14 @@ class CheckpointError(UserError):
     """No checkpoint to resume from can be read, or one just written cannot be read back."""
 
 
+class ExportError(UserError):
+    """The model, its weights or the requested format cannot be exported; the message says why."""
+
+
+class SubmissionError(UserError):
+    """The split, the output or a submission zip is not what a benchmark submission needs; the message says what."""
+
+
 class TrainingInterrupted(UserError):
     """SIGTERM or SIGINT stopped training after a checkpoint was saved; exits like a process killed by that signal
     (128 + its number), as schedulers and shells expect."""

@@ -68,7 +68,7 @@ def export(run_tool, output, *args, overrides=()):
     ],
 )
 def test_exported_model_detects_what_the_pytorch_model_detects(
-    export_format, method, file_name, trained, images, reference, run_tool, tmp_path
+    export_format, method, file_name, trained, images, reference, run_tool, synthetic_root, tmp_path
 ):
     weights, learning = trained
     result = export(run_tool, tmp_path, "--format", export_format, "--export-method", method,
@@ -86,6 +86,13 @@ def test_exported_model_detects_what_the_pytorch_model_detects(
         assert parity.ok, parity
     listed = predictor(images[:2])  # as predict_images calls a predictor
     assert [len(output["instances"]) for output in listed] == [len(r) for r in reference[:2]]
+    if export_format == "onnx":  # tools/predict.py runs it as it runs a config and weights
+        val = sorted(glob.glob(os.path.join(synthetic_root, "leftImg8bit", "val", "*", "*.png")))
+        out = tmp_path / "predictions"
+        predicted = run_tool("predict.py", "--exported", path, "--input", val[0], "--output", out, "--no-overlays")
+        assert predicted.code == 0, predicted.err[-3000:]
+        stem = os.path.basename(val[0])[: -len(".png")]
+        assert len((out / "cityscapes" / f"{stem}.txt").read_text().splitlines()) == len(reference[0])
 
 
 def test_onnx_model_runs_on_an_image_without_detections(trained, images, run_tool, tmp_path):

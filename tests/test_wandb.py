@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -29,7 +30,7 @@ from detectron2.utils.env import seed_all_rng
 
 from cityseg_d2.data.analysis import registered_dataset_stats
 from cityseg_d2.engine import Trainer, prepare_config
-from cityseg_d2.errors import ConfigError
+from cityseg_d2.errors import ConfigError, TrainingInterrupted, TrainingStopped
 from cityseg_d2.integrations import WANDB_RUN_ID_FILE, wandb_enabled
 from cityseg_d2.integrations import wandb as cityseg_wandb
 from cityseg_d2.integrations.wandb import PANEL_KEY, PER_CLASS_KEY, init_wandb_run
@@ -114,6 +115,7 @@ class OfflineRun:
                 row = _history_row(record["history"]["item"])
                 self.history[row["_step"]].update(row)
         self.artifacts = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model"]
+        self.record_types = {r["type"] for r in records}
 
     @classmethod
     def all(cls, runs_dir, run_id="*"):
@@ -419,8 +421,12 @@ class RaisingTrainer(Trainer):
     [
         pytest.param("iteration", RuntimeError("injected"), ("failed", 1), id="error-in-an-iteration"),
         pytest.param("after_train", RuntimeError("injected"), ("failed", 1), id="error-after-training"),
-        # How Ray Tune stops a trial early: sys.exit(0), a requested stop.
         pytest.param("iteration", SystemExit(0), ("finished", 0), id="requested-exit"),
+        # How a sweep trial ends when ASHA or PBT stops it: a normal end.
+        pytest.param("iteration", TrainingStopped(), ("finished", 0), id="scheduler-stop"),
+        # SIGTERM or Ctrl-C after a checkpoint (StopOnSignal): a run to resume, marked preempting (the server shows
+        # it preempted; offline, its record and the signal's exit code are what there is to see).
+        pytest.param("iteration", TrainingInterrupted("stopped", signal.SIGTERM), ("failed", 143), id="signal"),
     ],
 )
 def test_a_training_that_raises_is_a_failed_run_and_a_new_training_a_new_run(
@@ -437,6 +443,7 @@ def test_a_training_that_raises_is_a_failed_run_and_a_new_training_a_new_run(
     run_id = _run_id(cfg.OUTPUT_DIR)
     (run,) = OfflineRun.all(wandb_env, run_id)
     assert run_id != "earlier" and (run.state, run.exit_code) == state
+    assert ("preempting" in run.record_types) == isinstance(error, TrainingInterrupted), run.record_types
 
 
 def test_wandb_failures_while_training_are_warnings_once(tmp_path, wandb_env, datasets, monkeypatch, caplog, stats_spy):

@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
+from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 
@@ -32,10 +33,10 @@ def time_predictor(predictor, paths):
     return len(paths) / (time.perf_counter() - start)
 
 
-def time_predict_images(cfg, predictor, paths, overlays):
+def time_predict_images(predictor, metadata, paths, overlays):
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        predict_images(cfg, paths, out, overlays=overlays, predictor=predictor)
+        predict_images(predictor, metadata, paths, out, overlays=overlays)
         return len(paths) / (time.perf_counter() - start)
 
 
@@ -48,12 +49,13 @@ def main(args):
     reference_cfg.MODEL.WEIGHTS = resolve_weights(cfg)
     stock = DefaultPredictor(reference_cfg)
     time_predictor(stock, paths[:2])  # warm-up
-    time_predict_images(cfg, predictor, paths[:2], overlays=False)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+    time_predict_images(predictor, metadata, paths[:2], overlays=False)
     load_before = os.getloadavg()
     rows = []
     for round_index in range(args.rounds):
         reference = time_predictor(stock, paths)
-        ours = time_predict_images(cfg, predictor, paths, overlays=not args.no_overlays)
+        ours = time_predict_images(predictor, metadata, paths, overlays=not args.no_overlays)
         rows.append((reference, ours))
         print(f"round {round_index + 1}: DefaultPredictor {reference:.2f} img/s, predict_images {ours:.2f} img/s, "
               f"ratio {ours / reference:.3f}", flush=True)  # fmt: skip

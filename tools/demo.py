@@ -13,14 +13,14 @@ import sys
 import time
 
 import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 
 from cityseg_d2.data import default_synthetic_root
 from cityseg_d2.data.synthetic import make_synthetic_cityscapes
 from cityseg_d2.engine import Trainer, setup
 from cityseg_d2.errors import run_cli
-from cityseg_d2.engine.predict import predict_images
+from cityseg_d2.engine.predict import build_predictor, predict_images
 
 CONFIG = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
 OUTPUT_DIR = "output/demo"
@@ -65,7 +65,7 @@ def main(overrides):
     predict_cfg = cfg.clone()
     predict_cfg.defrost()
     predict_cfg.MODEL.WEIGHTS = os.path.join(OUTPUT_DIR, "model_final.pth")
-    predict_images(predict_cfg, images, predictions_dir)
+    predict_images(build_predictor(predict_cfg), MetadataCatalog.get(val_name), images, predictions_dir)
 
     print(f"\n[demo] official Cityscapes evaluation of {val_name} (cityscapesscripts):")
     print(f"[demo]   AP {segm['AP']:.1f}   AP50 {segm['AP50']:.1f}   matterport_AP50 {segm['matterport_AP50']:.1f}")

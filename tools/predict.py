@@ -6,26 +6,45 @@ reads; every detection kept), a JSON per image (every detection, masks as RLE) a
   python tools/predict.py --config-file configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml \\
       --input 'datasets/cityscapes_synthetic/leftImg8bit/val/*/*.png' --output output/predictions \\
       --opts MODEL.WEIGHTS output/quickstart/model_final.pth
+  python tools/predict.py --exported output/export/model.onnx --input photos/ --output output/predictions_onnx
 
-An image that cannot be read is skipped with a warning naming it; the others carry on.
+With --exported (a model.ts or model.onnx from tools/export_model.py) the file holds everything needed: no config
+or weights. An image that cannot be read is skipped with a warning naming it; the others carry on.
 """
 import argparse
 
 import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
+from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 from cityseg_d2.engine import prepare_config
-from cityseg_d2.engine.predict import find_images, predict_images
+from cityseg_d2.engine.predict import build_predictor, find_images, predict_images
 from cityseg_d2.errors import ConfigError, run_cli
+
+
+def predictor_and_metadata(args):
+    if args.exported:
+        if args.config_file or args.opts:
+            raise ConfigError("--exported FILE holds the model and its config: drop --config-file and --opts")
+        from cityseg_d2.export import ExportedPredictor
+
+        predictor = ExportedPredictor(args.exported)
+        return predictor, predictor.metadata
+    if not args.config_file:
+        raise ConfigError("no model given: pass --config-file (and --opts MODEL.WEIGHTS ...), or --exported FILE")
+    cfg = prepare_config(args.config_file, args.opts)
+    return build_predictor(cfg), MetadataCatalog.get(cfg.DATASETS.TEST[0])
 
 
 def main(args):
     setup_logger(name="cityseg_d2")
     if not 0 <= args.confidence_threshold <= 1:
         raise ConfigError(f"--confidence-threshold {args.confidence_threshold}: must be between 0 and 1")
-    cfg = prepare_config(args.config_file, args.opts)
     images = find_images(args.input)
-    summary = predict_images(cfg, images, args.output, args.confidence_threshold, overlays=not args.no_overlays)
+    predictor, metadata = predictor_and_metadata(args)
+    summary = predict_images(
+        predictor, metadata, images, args.output, args.confidence_threshold, overlays=not args.no_overlays
+    )
     if not summary.written:
         raise ConfigError(f"--input {args.input}: none of the {len(images)} files could be read as an image")
     what = "Cityscapes result files and JSON" + ("" if args.no_overlays else " and overlays")
@@ -35,7 +54,8 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--config-file", default="", metavar="FILE")
+    parser.add_argument("--exported", default="", metavar="FILE", help="model.ts or model.onnx of tools/export_model.py")
     parser.add_argument("--input", required=True, help="an image, a folder (recursive) or a glob pattern")
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument(

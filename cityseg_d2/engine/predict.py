@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
-from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
@@ -183,14 +182,13 @@ def _batches(paths, size):
         yield paths[start : start + size]
 
 
-def predict_images(cfg, image_paths, output_dir, confidence_threshold=0.5, overlays=True, predictor=None):
+def predict_images(predictor, metadata, image_paths, output_dir, confidence_threshold=0.5, overlays=True):
     """Predict every image and write cityscapes/ (result files), json/ and, with `overlays`, overlays/ (detections
-    scoring at least confidence_threshold) under output_dir. An image that cannot be read is skipped with a warning
-    naming it. `predictor` (default build_predictor(cfg)) maps a list of BGR images to their outputs. Returns a
-    PredictionSummary."""
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+    scoring at least confidence_threshold) under output_dir. `predictor` maps a list of BGR images to their outputs
+    (build_predictor's, or an exported model's cityseg_d2.export.ExportedPredictor); `metadata` names the classes
+    (thing_classes, thing_label_ids, thing_colors: the test set's MetadataCatalog entry, or the exported model's).
+    An image that cannot be read is skipped with a warning naming it. Returns a PredictionSummary."""
     folders = output_folders(output_dir, overlays)
-    predictor = predictor or build_predictor(cfg)
     summary = PredictionSummary()
 
     def write(path, image, instances):

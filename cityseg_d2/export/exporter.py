@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..engine.checkpoint import UNREADABLE, SafeCheckpointer, weights_error
 from ..engine.predict import resolve_weights
-from ..errors import UserError, first_line
+from ..errors import ExportError, UserError, first_line
 from .onnx_group_norm import empty_batch_group_norm
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ DEFAULT_ONNX_OPSET = 16
 OUTPUT_FIELDS = ("pred_boxes", "pred_classes", "pred_masks", "scores")
 METADATA_KEY = "cityseg_d2"
 FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
-
-
-class ExportError(UserError):
-    """The model, its weights or the requested format cannot be exported; the message says why."""
 
 
 def check_export_options(export_format, export_method, opset):

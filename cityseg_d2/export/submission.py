@@ -21,16 +21,12 @@ from detectron2.data import MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 
 from ..data import gt_instance_ids_path
-from ..errors import UserError
+from ..errors import SubmissionError
 from ..evaluation.official_cityscapes import run_official_evaluation, write_prediction_files
 from ..evaluation.protocol import EvaluatedClasses, ImagePredictions
 from .exporter import read_split
 
 logger = logging.getLogger(__name__)
-
-
-class SubmissionError(UserError):
-    """The split, the output or a submission zip is not what a submission needs; the message says what."""
 
 
 class ResultFileWriter(DatasetEvaluator):

@@ -44,7 +44,7 @@ from detectron2.utils.logger import log_first_n
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.analysis import registered_dataset_stats
-from ..errors import TrainingStopped
+from ..errors import TrainingInterrupted, TrainingStopped
 from . import WANDB_RUN_ID_FILE, wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -252,9 +252,15 @@ class WandbSession(HookBase):
     @_never_raises("finishing the run")
     def finish(self, error=None):
         """Finish the run, once. A training that ended in `error` is a failed run (exit code 1), unless `error` is a
-        requested stop: TrainingStopped (a Ray Tune scheduler stopped the trial) or SystemExit with code 0 or None."""
+        requested stop: TrainingStopped (a Ray Tune scheduler stopped the trial) or SystemExit with code 0 or None.
+        One that SIGTERM or SIGINT stopped after saving a checkpoint (TrainingInterrupted) is marked preempting, W&B's
+        state for a run that will be resumed, with the signal's exit code."""
         if self.run is not None and not self._finished:
             self._finished = True
+            if isinstance(error, TrainingInterrupted):
+                self.run.mark_preempting()
+                self.run.finish(exit_code=error.exit_code)
+                return
             requested = isinstance(error, TrainingStopped) or (isinstance(error, SystemExit) and error.code in (0, None))
             failed = error is not None and not requested
             self.run.finish(exit_code=1 if failed else 0)
