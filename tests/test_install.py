@@ -1,6 +1,8 @@
 """Guards the install: the package imports, and a detectron2 Mask R-CNN trains and predicts on the CPU."""
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from detectron2 import model_zoo
@@ -87,3 +89,12 @@ def test_tools_start_without_third_party_warnings():
         capture_output=True, text=True,
     )  # fmt: skip
     assert run.stderr.count("Warning") == 1 and "UserWarning: ours" in run.stderr, run.stderr  # others still show
+
+
+def test_every_tool_imports_cityseg_d2_before_what_warns_on_import():
+    """What test_tools_start_without_third_party_warnings checks on train_net, read from every tool's imports."""
+    third_party = re.compile(r"^(import|from) (detectron2|ray|wandb)\b")
+    ours = re.compile(r"^(import|from) cityseg_d2\b")
+    for tool in sorted(Path(__file__).resolve().parents[1].glob("tools/*.py")):
+        imports = [line for line in tool.read_text().splitlines() if third_party.match(line) or ours.match(line)]
+        assert not imports or ours.match(imports[0]), f"{tool.name}: {imports[0]} comes before cityseg_d2"

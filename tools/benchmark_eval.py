@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 

@@ -18,6 +18,7 @@ then report again from the saved predictions, nothing re-run (e.g. with another 
 import argparse
 import os
 
+import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 
