@@ -192,6 +192,8 @@ def test_predict_bad_input_gives_one_clear_line(short_run, run_tool, synthetic_r
         (["--config-file", QUICKSTART, "SOLVER.MAX_ITER", "0"], "error: SOLVER.MAX_ITER is 0: it must be > 0"),
         (["--config-file", QUICKSTART, "DATASETS.CITYSCAPES.CLASS_SET", "cityscapes9"], "error: DATASETS.CITYSCAPES.CLASS_SET is 'cityscapes9': use one of"),
         (["--config-file", QUICKSTART, "WANDB.MODE", "sometimes"], "error: WANDB.MODE is 'sometimes': use one of"),
+        (["--config-file", QUICKSTART, "CITYSEG.FAST.NMS", "fastest"], "error: CITYSEG.FAST.NMS is 'fastest': use one of"),
+        (["--config-file", QUICKSTART, "MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "True"], "error: SOLVER.AMP.PRECISION float16 needs a GPU"),
     ],  # fmt: skip
 )
 def test_bad_input_gives_one_clear_line_before_anything_is_written(args, message, run_tool, tmp_path):

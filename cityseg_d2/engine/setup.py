@@ -23,6 +23,8 @@ from ..data import CLASS_SETS, MASK_SOURCES, register_from_config
 from ..errors import CityscapesDataError, ConfigError, OutputDirError, first_line
 from ..evaluation import check_evaluator_names, reported_metrics
 from ..integrations import wandb_mode
+from ..modeling import autocast_dtype
+from ..modeling.nms import check_nms_method
 from .checkpoint import eval_only_fit_error, resume_candidates, resume_point, untrusted_pickle_error, weights_fit
 from .output_dir import check_output_dir, claim_output_dir
 
@@ -123,6 +125,20 @@ def _check_ranges(cfg):
     wandb_mode(cfg)  # WANDB.MODE, else $WANDB_MODE, must be a mode W&B knows
 
 
+def _check_fast_path(cfg):
+    """The fast path's values, which are otherwise read only when the model or the training loop is built (after
+    OUTPUT_DIR has been written to)."""
+    check_nms_method(cfg.CITYSEG.FAST.NMS)
+    autocast_dtype(cfg.CITYSEG.FAST.TEST_PRECISION, "CITYSEG.FAST.TEST_PRECISION")
+    if cfg.SOLVER.AMP.ENABLED:
+        if cfg.SOLVER.AMP.PRECISION not in ("float16", "bfloat16"):
+            raise ConfigError(f"SOLVER.AMP.PRECISION is {cfg.SOLVER.AMP.PRECISION!r}: use float16 or bfloat16")
+        if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.PRECISION == "float16":
+            raise ConfigError(
+                "SOLVER.AMP.PRECISION float16 needs a GPU: use bfloat16 on the CPU (or SOLVER.AMP.ENABLED False)"
+            )
+
+
 def _check_best_checkpoint_metric(cfg):
     metric = cfg.CITYSEG.BEST_CHECKPOINT_METRIC
     if not metric or cfg.TEST.EVAL_PERIOD <= 0 or not cfg.DATASETS.TEST:
@@ -144,6 +160,7 @@ def check_config(cfg, resume=False):
     _check_datasets(cfg)
     _check_ranges(cfg)
     _check_best_checkpoint_metric(cfg)
+    _check_fast_path(cfg)
     _check_weights(cfg, resume)
 
 
