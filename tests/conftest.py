@@ -41,19 +41,22 @@ def register_synthetic(synthetic_root):
 
 @contextlib.contextmanager
 def _restored_loggers():
-    """Remove the handlers a tool's run adds (detectron2's setup_logger binds them to the captured stdout and to the
-    run's log.txt) and forget setup_logger's cache, so the next run logs like a fresh process."""
+    """Undo what a tool's run does to logging (detectron2's setup_logger adds handlers bound to the captured stdout and
+    the run's log.txt, sets the level, stops propagation) and forget setup_logger's cache, so the next run logs like a
+    fresh process and later tests' handlers on the root logger see the package's records."""
     from detectron2.utils.logger import setup_logger
 
     loggers = [logging.getLogger(name) for name in ("detectron2", "fvcore", "cityseg_d2", "d2", "")]
-    before = {logger: list(logger.handlers) for logger in loggers}
+    before = {logger: (list(logger.handlers), logger.level, logger.propagate) for logger in loggers}
     try:
         yield
     finally:
-        for logger, handlers in before.items():
+        for logger, (handlers, level, propagate) in before.items():
             for handler in logger.handlers[:]:
                 if handler not in handlers:
                     logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate  # setup_logger turns it off: later tests' root handlers would see nothing
         setup_logger.cache_clear()
 
 

@@ -30,7 +30,8 @@ from cityseg_d2.data.fast_loader import PolygonEdgesMapper, pack_polygon_edges
 from cityseg_d2.engine.setup import load_config
 from cityseg_d2.engine.train_loop import FastTrainLoop, build_train_loop
 from cityseg_d2.errors import ConfigError
-from cityseg_d2.modeling import build_batched_predictor, build_fast_model
+from cityseg_d2.engine.predict import build_predictor
+from cityseg_d2.modeling import build_fast_model
 from cityseg_d2.modeling.fast_path import FAST_PATH_OPTS
 from cityseg_d2.modeling import mask_targets
 from cityseg_d2.modeling.mask_targets import rasterize_polygons_in_boxes
@@ -318,7 +319,7 @@ def test_batched_predictor_gives_default_predictors_detections(stock, synthetic_
     cfg = config("MODEL.WEIGHTS", str(weights))
     expected = [DefaultPredictor(cfg)(image)["instances"] for image in images]
     batched = config("MODEL.WEIGHTS", str(weights), "CITYSEG.FAST.TEST_BATCH_SIZE", "2", *SWITCHES["all"])
-    actual = [out["instances"] for out in build_batched_predictor(batched)(images)]
+    actual = [out["instances"] for out in build_predictor(batched)(images)]
     assert len(actual) == 3
     assert_same_detections(expected, actual)
 

@@ -1,19 +1,19 @@
 """Batched inference on images in memory: detectron2's DefaultPredictor for many images at a time.
 
-`build_batched_predictor(cfg)` gives a callable that takes a list of images (HxWxC uint8 numpy arrays in
-cfg.INPUT.FORMAT, as cv2 or detectron2's read_image give them) and returns one {"instances": Instances} per
-image, on cfg.MODEL.DEVICE, at the image's own resolution. It runs CITYSEG.FAST.TEST_BATCH_SIZE images per
-forward pass under CITYSEG.FAST.TEST_PRECISION autocast, with the model of build_fast_model (the config's
-registered fast components included); with a batch size of 1 and no autocast its outputs are DefaultPredictor's.
+`build_batched_predictor(cfg, model)` gives a callable that takes a list of images (HxWxC uint8 BGR numpy arrays, as
+cv2 gives them and DefaultPredictor takes them) and returns one {"instances": Instances} per image, on
+cfg.MODEL.DEVICE, at the image's own resolution. It runs CITYSEG.FAST.TEST_BATCH_SIZE images per forward pass under
+CITYSEG.FAST.TEST_PRECISION autocast, with a model of build_fast_model whose weights the caller loaded
+(cityseg_d2.engine.predict.build_predictor does both); with a batch size of 1 and no autocast its outputs are
+DefaultPredictor's.
 """
 
 import contextlib
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import transforms as T
 
-from .model import autocast_dtype, build_fast_model
+from .model import autocast_dtype
 
 
 def inference_autocast(cfg):
@@ -27,11 +27,8 @@ def inference_autocast(cfg):
 class BatchedPredictor:
     """DefaultPredictor over lists of images, CITYSEG.FAST.TEST_BATCH_SIZE at a time."""
 
-    def __init__(self, cfg, model=None):
+    def __init__(self, cfg, model):
         self.cfg = cfg.clone()
-        if model is None:
-            model = build_fast_model(self.cfg)
-            DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         self.model = model.eval()
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
@@ -55,6 +52,7 @@ class BatchedPredictor:
         return outputs
 
 
-def build_batched_predictor(cfg, model=None):
-    """A BatchedPredictor for cfg (MODEL.WEIGHTS loaded unless a model is given)."""
+def build_batched_predictor(cfg, model):
+    """A BatchedPredictor for cfg around `model` (build_fast_model's, its weights loaded: see
+    cityseg_d2.engine.predict.build_predictor, which loads MODEL.WEIGHTS safely)."""
     return BatchedPredictor(cfg, model)
