@@ -41,13 +41,23 @@ def register_synthetic(synthetic_root):
 
 @contextlib.contextmanager
 def _restored_loggers():
-    """Undo what a tool's run does to logging (detectron2's setup_logger adds handlers bound to the captured stdout and
-    the run's log.txt, sets the level, stops propagation) and forget setup_logger's cache, so the next run logs like a
-    fresh process and later tests' handlers on the root logger see the package's records."""
+    """A tool's run logs as in a fresh process, and the test still sees its records.
+
+    detectron2's setup_logger stops the package loggers' propagation and adds handlers bound to the captured stdout
+    and the run's log.txt. pytest's log capture reaches a non-propagating logger only if it was one when the test
+    started, so for the run the package loggers get the root logger's handlers (pytest's, a test's own) in place of
+    propagation; afterwards their handlers, level and propagation are as before and setup_logger's cache is
+    forgotten, so the next run sets them up again."""
     from detectron2.utils.logger import setup_logger
 
-    loggers = [logging.getLogger(name) for name in ("detectron2", "fvcore", "cityseg_d2", "d2", "")]
-    before = {logger: (list(logger.handlers), logger.level, logger.propagate) for logger in loggers}
+    root = logging.getLogger()
+    loggers = [logging.getLogger(name) for name in ("detectron2", "fvcore", "cityseg_d2", "d2")]
+    before = {logger: (list(logger.handlers), logger.level, logger.propagate) for logger in [*loggers, root]}
+    for logger in loggers:
+        if logger.propagate:
+            logger.propagate = False
+            for handler in root.handlers:
+                logger.addHandler(handler)
     try:
         yield
     finally:
@@ -56,7 +66,7 @@ def _restored_loggers():
                 if handler not in handlers:
                     logger.removeHandler(handler)
             logger.setLevel(level)
-            logger.propagate = propagate  # setup_logger turns it off: later tests' root handlers would see nothing
+            logger.propagate = propagate
         setup_logger.cache_clear()
 
 
