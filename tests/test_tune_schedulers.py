@@ -26,7 +26,13 @@ from cityseg_d2.errors import ConfigError
 from cityseg_d2.integrations import WANDB_RUN_ID_FILE
 from cityseg_d2.tune.pbt import config_hyperparameters
 from cityseg_d2.tune.resources import Cluster, NodeShape
-from cityseg_d2.tune.trial import trial_dirname
+from cityseg_d2.tune.trial import (
+    checkpoint_report,
+    restore_trial_checkpoint,
+    save_trial_checkpoint,
+    save_untrained_checkpoint,
+    trial_dirname,
+)
 from test_tune_ray import QUICKSTART, TINY_OPTS, WANDB_OPTS, training_starts
 from test_ray_cluster import REPO, _end_process_group, _free_ports
 from test_wandb import OfflineRun
@@ -120,6 +126,36 @@ def test_restored_trainer_takes_its_configs_hyperparameters_not_the_checkpoints(
     assert torch.equal(*buffers)  # the checkpoint's momentum buffers
     restored.scheduler.step()
     assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * (0.1 + 0.9 * 6 / 10))
+
+
+def test_a_trial_saved_before_it_trains_again_saves_what_it_was_restored_from(register_synthetic, tmp_path):
+    """Tune may pause, and so save, a trial it has just restored from another's checkpoint (a PBT exploit) before the
+    trial has trained: the saved checkpoint is the donor's, with the trial's own W&B run id, and resumes where the
+    donor was. A trial never restored nor trained saves a checkpoint that starts it afresh."""
+    donor = _trainer(register_synthetic, tmp_path / "donor", ["SOLVER.MAX_ITER", "20"])
+    donor.iter = 9
+    donor_checkpoint, trial_output, saved = (tmp_path / name for name in ("donor_checkpoint", "trial", "saved"))
+    for folder in (donor_checkpoint, trial_output, saved):
+        folder.mkdir()
+    (tmp_path / "donor" / WANDB_RUN_ID_FILE).write_text("donor-run")
+    save_trial_checkpoint(donor, str(donor_checkpoint), {"iteration": 10, "total_loss": 1.5})
+    (trial_output / WANDB_RUN_ID_FILE).write_text("own-run")
+
+    report = restore_trial_checkpoint(str(donor_checkpoint), str(trial_output))
+    save_untrained_checkpoint(str(trial_output), str(saved), report)
+    assert checkpoint_report(str(saved)) == {"iteration": 10, "total_loss": 1.5}
+    assert (saved / "tune_checkpoint.pth").read_bytes() == (donor_checkpoint / "tune_checkpoint.pth").read_bytes()
+    assert (saved / WANDB_RUN_ID_FILE).read_text() == "own-run"
+    again = tmp_path / "again"
+    restore_trial_checkpoint(str(saved), str(again))
+    resumed = _trainer(register_synthetic, again, ["SOLVER.MAX_ITER", "20"])
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 10
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    save_untrained_checkpoint(str(trial_output), str(fresh), None)
+    assert checkpoint_report(str(fresh)) is None and not (fresh / "tune_checkpoint.pth").exists()
 
 
 PBT_SWEEP = {

@@ -120,9 +120,22 @@ class TuneReportHook(HookBase):
 def save_trial_checkpoint(trainer, checkpoint_dir, report):
     """A trial's checkpoint, taken while training is paused at `report`: the trainer's own checkpointables (model,
     optimizer, scheduler, iteration), that report, and every wandb_run_id file of OUTPUT_DIR."""
-    output_dir = trainer.cfg.OUTPUT_DIR
     checkpointer = DetectionCheckpointer(trainer.model, checkpoint_dir, **trainer.checkpointer.checkpointables)
     checkpointer.save(TUNE_CHECKPOINT)
+    _save_report_and_run_ids(trainer.cfg.OUTPUT_DIR, checkpoint_dir, report)
+
+
+def save_untrained_checkpoint(output_dir, checkpoint_dir, restored_report):
+    """The checkpoint of a trial that has not trained since it was set up (Tune may pause, and so save, a trial it
+    has just restored): the checkpoint it was restored from, which restore_trial_checkpoint put into OUTPUT_DIR, or,
+    never restored, none (its report null: restoring it starts the trial afresh)."""
+    if restored_report is not None:
+        for name in (f"{TUNE_CHECKPOINT}.pth", "last_checkpoint"):
+            shutil.copy2(os.path.join(output_dir, name), checkpoint_dir)
+    _save_report_and_run_ids(output_dir, checkpoint_dir, restored_report)
+
+
+def _save_report_and_run_ids(output_dir, checkpoint_dir, report):
     with open(os.path.join(checkpoint_dir, CHECKPOINT_METRICS), "w") as f:
         json.dump(report, f)
     for path in glob.glob(os.path.join(glob.escape(output_dir), "**", WANDB_RUN_ID_FILE), recursive=True):
@@ -253,7 +266,10 @@ class TrialTrainable(tune.Trainable):
             raise TrainingStopped(f"{self.trial_name} stopped by Ray Tune at a report")
 
     def save_checkpoint(self, checkpoint_dir):
-        save_trial_checkpoint(self._trainer, checkpoint_dir, self._last_report)  # paused at the report step() returned
+        if self._trainer is None:
+            save_untrained_checkpoint(self.cfg.OUTPUT_DIR, checkpoint_dir, self._restored_report)
+        else:
+            save_trial_checkpoint(self._trainer, checkpoint_dir, self._last_report)  # paused at step()'s report
 
     def load_checkpoint(self, checkpoint_dir):
         self._restored_report = restore_trial_checkpoint(checkpoint_dir, self.cfg.OUTPUT_DIR)
