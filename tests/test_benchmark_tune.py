@@ -1,6 +1,7 @@
 """tools/benchmark_tune.py's parts that decide what it reports: a study where ASHA cannot rank trials is refused, and
 the CPU-seconds count every process of the session, also those that exited before the count ends. A run of the
 benchmark itself takes minutes even at toy size (two arms of at least 8 trials), so none runs here."""
+import random
 import runpy
 import subprocess
 import sys
@@ -16,6 +17,7 @@ benchmark_tune = runpy.run_path("tools/benchmark_tune.py")
     [
         (["--grace", "40", "--eval-period", "40"], "error: --grace 40 is within the warm-up (SOLVER.WARMUP_ITERS 50)"),
         (["--grace", "100", "--eval-period", "30"], "error: --grace 100 must be a multiple of --eval-period 30"),
+        (["--replay", "no/such/grid"], "error: no/such/grid is no Tune experiment folder"),
     ],
 )
 def test_a_study_asha_cannot_rank_is_refused_before_ray_starts(run_tool, args, message):
@@ -29,3 +31,19 @@ def test_cpu_seconds_count_children_that_exited_before_the_end():
         subprocess.run([sys.executable, "-c", burn], check=True)
         time.sleep(0.3)  # exited: only the readings taken while it ran remain
     assert 0.8 <= cpu.seconds
+
+
+def test_replay_feeds_the_grid_reports_to_rays_asha_as_tune_would():
+    """Three trials one at a time, ASHA (Ray's, grace 2, reduction factor 2, max_t 4): the first passes the rung at 2
+    unranked and trains to 4; the second is below the median of what the rung has seen (1.0) and stops at 2, although
+    it would have been the grid's best; the third passes (3.0 >= 0.75) and trains to 4."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    curves = {0.1: [(2, 1.0), (4, 2.0)], 0.2: [(2, 0.5), (4, 5.0)], 0.3: [(2, 3.0), (4, 3.5)]}
+    scheduler = lambda: ASHAScheduler(time_attr="iteration", max_t=4, grace_period=2, reduction_factor=2)  # noqa: E731
+    replay = benchmark_tune["replay_asha"]
+    assert replay(curves, scheduler, "AP", "max", 1, [0.1, 0.2, 0.3], random.Random(0)) == (4 + 2 + 4, 3.5)
+    # Two at once: the first two report at 2 together, and the one drawn to arrive first passes unranked. If that is
+    # the second (0.5), the first (1.0) passes too, and the third (3.0 >= 0.75): every trial trains to 4.
+    outcomes = {replay(curves, scheduler, "AP", "max", 2, [0.1, 0.2, 0.3], random.Random(seed)) for seed in range(20)}
+    assert outcomes == {(4 + 2 + 4, 3.5), (4 + 4 + 4, 5.0)}

@@ -12,8 +12,10 @@ unranked, and in ascending order those would be the smallest learning rates. Tri
 Prints per arm the trials stopped early, the iterations trained, the CPU-seconds used (every process of the Ray
 session, read from /proc: Linux only), the wall clock and the best trial; then ASHA's share of the grid's
 CPU-seconds and the gap between the two arms' best, with the load average. Not a test: the figures depend on the
-machine and its load. The study of README (synthetic data set at 128 px; warm-up 20, so the first rung is 40
-iterations past it):
+machine and its load. Then it replays Ray's ASHA on the grid arm's reports in 1000 random orders: one ASHA arm is one
+order, and how much ASHA saves depends on which trials come first. `--replay GRID_EXPERIMENT` does only that, for
+other --grace / --reduction-factor values, in seconds and without training. The study of README (synthetic data set
+at 128 px; warm-up 20, so the first rung is 40 iterations past it):
 
   python tools/benchmark_tune.py --cpus-per-trial 1 INPUT.MIN_SIZE_TRAIN "(128,)" INPUT.MAX_SIZE_TRAIN 256 \\
       INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 256 SOLVER.WARMUP_ITERS 20 SOLVER.STEPS "(800,)" \\
@@ -21,10 +23,13 @@ iterations past it):
 """
 
 import argparse
+import heapq
 import os
 import random
+import statistics
 import threading
 import time
+from types import SimpleNamespace
 
 import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its import prints)
 import ray
@@ -32,7 +37,9 @@ import ray
 from cityseg_d2.engine import prepare_config
 from cityseg_d2.errors import ConfigError, run_cli
 from cityseg_d2.tune import (
+    build_scheduler,
     connect_ray,
+    experiment_path,
     format_table,
     new_experiment,
     parse_sweep,
@@ -105,6 +112,84 @@ class ProcessTreeCPU:
         return seconds
 
 
+def grid_curves(experiment_dir, metric):
+    """{learning rate: [(iteration, metric), ...]} of every trial of a finished grid experiment, from Tune's files."""
+    import glob
+
+    from ray.tune import ExperimentAnalysis
+
+    if not glob.glob(os.path.join(experiment_dir, "experiment_state-*.json")):
+        raise ConfigError(f"{experiment_dir} is no Tune experiment folder (it has no experiment_state-*.json)")
+    analysis = ExperimentAnalysis(os.path.abspath(experiment_dir))
+    configs = analysis.get_all_configs()
+    curves = {}
+    for trial, frame in analysis.trial_dataframes.items():
+        reports = frame.dropna(subset=[metric])
+        curves[configs[trial]["SOLVER.BASE_LR"]] = list(zip(reports["iteration"], reports[metric]))
+    if not curves:
+        raise ConfigError(f"{experiment_dir}: no trial reported {metric}")
+    return curves
+
+
+def replay_asha(curves, new_scheduler, metric, mode, slots, order, rng):
+    """Feeds the grid's recorded reports to a fresh ASHA scheduler (Ray's own, as the sweep builds it) the way Tune
+    would, trials taken in `order` and `slots` at a time at equal speed; returns (iterations trained, best value seen).
+    With SEED fixed a trial reports the same values under ASHA as in the grid, so this is what ASHA would train in
+    that order. Which of two trials that report at the same iteration comes first (and so may pass a rung unranked)
+    is decided by a draw per trial: in a real sweep it is whichever trial runs a little faster."""
+    scheduler = new_scheduler()
+    scheduler.set_search_properties(metric, mode)
+    pending, events, trained, seen = list(order), [], 0, []
+    arrival = {lr: rng.random() for lr in order}
+
+    def start(now):
+        if pending:
+            lr = pending.pop(0)
+            scheduler.on_trial_add(None, SimpleNamespace(trial_id=str(lr)))
+            heapq.heappush(events, (now + curves[lr][0][0], arrival[lr], lr, 0))
+
+    for _ in range(slots):
+        start(0)
+    while events:
+        now, _, lr, k = heapq.heappop(events)
+        iteration, value = curves[lr][k]
+        trained += iteration - (curves[lr][k - 1][0] if k else 0)
+        seen.append(value)
+        report = {"iteration": iteration, metric: value}
+        if scheduler.on_trial_result(None, SimpleNamespace(trial_id=str(lr)), report) == "STOP" or k + 1 == len(
+            curves[lr]
+        ):
+            start(now)
+        else:
+            heapq.heappush(events, (now + curves[lr][k + 1][0] - iteration, arrival[lr], lr, k + 1))
+    return trained, (max if mode == "max" else min)(seen)
+
+
+def replay_orders(args, curves, asha_sweep, cfg, slots, orders=1000):
+    """What share of the grid's iterations ASHA trains and whether it sees the grid's best (within --tolerance), over
+    `orders` random orders of the trials: how typical one measured ASHA arm is."""
+    grid_iterations = sum(reports[-1][0] for reports in curves.values())
+    sign = 1 if args.mode == "max" else -1
+    grid_best = sign * max(sign * value for reports in curves.values() for _, value in reports)
+    rng = random.Random(args.order_seed)
+    outcomes = []
+    for _ in range(orders):
+        order = rng.sample(sorted(curves), len(curves))
+        trained, best = replay_asha(
+            curves, lambda: build_scheduler(asha_sweep, cfg), args.metric, args.mode, slots, order, rng
+        )
+        outcomes.append((trained / grid_iterations, sign * (grid_best - best) <= args.tolerance))
+    shares = sorted(share for share, _ in outcomes)
+    found = sum(ok for _, ok in outcomes) / orders
+    both = sum(ok and share <= 0.4 for share, ok in outcomes) / orders
+    print(
+        f"Ray's ASHA replayed on the grid's reports in {orders} random orders ({slots} trials at a time): it trains "
+        f"a median {statistics.median(shares):.0%} of the grid's iterations (10%-90%: {shares[orders // 10]:.0%}-"
+        f"{shares[orders * 9 // 10]:.0%}), sees the grid's best within {args.tolerance:g} in {found:.0%} of the orders, "
+        f"and both that and <= 40% of the iterations in {both:.0%}"
+    )
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=QUICKSTART)
@@ -121,6 +206,17 @@ def build_parser():
     parser.add_argument("--gpus-per-trial", type=float, default=None)
     parser.add_argument("--address", default=None)
     parser.add_argument("--storage", default="output/benchmark_tune")
+    parser.add_argument("--tolerance", type=float, default=0.5, help="how far below the grid's best counts as found")
+    parser.add_argument(
+        "--replay",
+        metavar="GRID_EXPERIMENT",
+        help="train nothing: replay ASHA (--grace, --reduction-factor, --max-iter) on a finished grid arm's reports",
+    )
+    parser.add_argument(
+        "--replay-slots",
+        type=int,
+        help="trials at a time in the replay (default: this machine's cores / --cpus-per-trial)",
+    )
     parser.add_argument("opts", nargs="*", default=[], metavar="KEY VALUE", help="overrides of the base config")
     return parser
 
@@ -186,6 +282,17 @@ def main(args):
     )
     for sweep in (grid, asha):
         validate_sweep(sweep, cfg)
+    slots = args.replay_slots or max(1, int(os.cpu_count() // (args.cpus_per_trial or 1)))
+    if args.replay:
+        curves = grid_curves(args.replay, args.metric)
+        trained = {reports[-1][0] for reports in curves.values()}
+        if trained != {args.max_iter}:
+            raise ConfigError(
+                f"--replay {args.replay}: its trials trained {'/'.join(map(str, sorted(trained)))} iterations, not "
+                f"--max-iter {args.max_iter}: pass the grid's --max-iter"
+            )
+        replay_orders(args, curves, asha, cfg, slots)
+        return
     connect_ray(args.address)
     load = os.getloadavg()
     (grid_figures, grid_rows), (asha_figures, asha_rows) = run(args, grid, cfg), run(args, asha, cfg)
@@ -207,6 +314,7 @@ def main(args):
     if differences:
         agreement = f"{max(differences):.3g} {args.metric}"
         print(f"The {len(finished)} trials ASHA ran to the end match the grid's same trials within {agreement}")
+    replay_orders(args, grid_curves(experiment_path(args.storage, grid.name), args.metric), asha, cfg, slots)
     print(f"Experiments: {os.path.abspath(args.storage)}/{{{grid.name},{asha.name}}}")
     print(f"Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load)}; at the end: "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip

@@ -13,6 +13,7 @@ tools/tune_net.py is the command line.
 """
 from .results import format_table, print_summary, trial_rows, write_best_config, write_summary
 from .runner import (
+    build_scheduler,
     connect_ray,
     experiment_path,
     load_saved_sweep,
@@ -33,6 +34,7 @@ __all__ = [
     "Sweep",
     "TrialSpec",
     "TuneReportHook",
+    "build_scheduler",
     "connect_ray",
     "experiment_path",
     "format_table",
