@@ -23,6 +23,7 @@ at 128 px; warm-up 20, so the first rung is 40 iterations past it):
 """
 
 import argparse
+import glob
 import heapq
 import os
 import random
@@ -114,8 +115,6 @@ class ProcessTreeCPU:
 
 def grid_curves(experiment_dir, metric):
     """{learning rate: [(iteration, metric), ...]} of every trial of a finished grid experiment, from Tune's files."""
-    import glob
-
     from ray.tune import ExperimentAnalysis
 
     if not glob.glob(os.path.join(experiment_dir, "experiment_state-*.json")):
@@ -137,6 +136,8 @@ def replay_asha(curves, new_scheduler, metric, mode, slots, order, rng):
     With SEED fixed a trial reports the same values under ASHA as in the grid, so this is what ASHA would train in
     that order. Which of two trials that report at the same iteration comes first (and so may pass a rung unranked)
     is decided by a draw per trial: in a real sweep it is whichever trial runs a little faster."""
+    from ray.tune.schedulers import TrialScheduler
+
     scheduler = new_scheduler()
     scheduler.set_search_properties(metric, mode)
     pending, events, trained, seen = list(order), [], 0, []
@@ -155,10 +156,10 @@ def replay_asha(curves, new_scheduler, metric, mode, slots, order, rng):
         iteration, value = curves[lr][k]
         trained += iteration - (curves[lr][k - 1][0] if k else 0)
         seen.append(value)
-        report = {"iteration": iteration, metric: value}
-        if scheduler.on_trial_result(None, SimpleNamespace(trial_id=str(lr)), report) == "STOP" or k + 1 == len(
-            curves[lr]
-        ):
+        action = scheduler.on_trial_result(
+            None, SimpleNamespace(trial_id=str(lr)), {"iteration": iteration, metric: value}
+        )
+        if action == TrialScheduler.STOP or k + 1 == len(curves[lr]):
             start(now)
         else:
             heapq.heappush(events, (now + curves[lr][k + 1][0] - iteration, arrival[lr], lr, k + 1))
