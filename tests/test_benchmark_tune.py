@@ -1,6 +1,7 @@
-"""tools/benchmark_tune.py's parts that decide what it reports: a study where ASHA cannot rank trials is refused, and
-the CPU-seconds count every process of the session, also those that exited before the count ends. A run of the
-benchmark itself takes minutes even at toy size (two arms of at least 8 trials), so none runs here."""
+"""tools/benchmark_tune.py's parts that decide what it reports: a study where ASHA cannot rank trials is refused, the
+CPU-seconds count every process of the session, also those that exited before the count ends, and the replay feeds
+recorded reports to Ray's ASHA as Tune would. A run of the benchmark itself takes minutes even at toy size (two arms
+of at least 8 trials), so none runs here."""
 import random
 import runpy
 import subprocess
