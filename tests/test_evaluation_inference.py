@@ -1,6 +1,7 @@
 """The evaluators under detectron2's inference_on_dataset: on a real (tiny, random) Mask R-CNN, and in two
-processes (gloo on the CPU) whose results must equal one process's."""
+processes (gloo on the CPU, started by our launch) whose results must equal one process's."""
 
+import atexit
 import json
 import math
 import zlib
@@ -8,14 +9,15 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.engine import launch
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 
 from cityseg_d2.config import get_cityseg_cfg
 from cityseg_d2.data import gt_instance_ids_path, register_cityscapes_instances
+from cityseg_d2.engine import launch
 from cityseg_d2.evaluation import build_evaluator
 from cityseg_d2.evaluation.protocol import EvaluatedClasses, read_gt_instance_ids
 from cityseg_d2.evaluation.perturbations import perturbed_predictions
@@ -69,8 +71,20 @@ class _PerturbedGroundTruthModel:
         return outputs
 
 
+def _write_at_exit_whether_a_process_group_is_left(path):
+    """At exit a live group's threads may abort the process: none may be left, in torch's registry or detectron2's."""
+
+    def write():
+        left = dist.is_initialized() or comm._LOCAL_PROCESS_GROUP is not None
+        path.write_text(str(left or comm._get_global_gloo_group.cache_info().currsize > 0))
+
+    atexit.register(write)
+
+
 def _evaluate_in_processes(root, out_file):
-    """Run in each process (by detectron2's launch): inference_on_dataset, results written by the main one."""
+    """Run in each process (by our launch): inference_on_dataset, results written by the main one."""
+    if comm.get_world_size() > 1:
+        _write_at_exit_whether_a_process_group_is_left(out_file.with_suffix(f".rank{comm.get_rank()}.left_group"))
     name = "eval_distributed_val"
     register_cityscapes_instances(name, root, "val", mask_source="instance_ids")
     cfg = get_cityseg_cfg()
@@ -83,10 +97,12 @@ def _evaluate_in_processes(root, out_file):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_results_of_one(synthetic_root, tmp_path):
+def test_two_processes_give_the_results_of_one_and_exit_without_a_process_group(synthetic_root, tmp_path):
     single, double = tmp_path / "single.json", tmp_path / "double.json"
     _evaluate_in_processes(synthetic_root, single)
     launch(_evaluate_in_processes, 2, dist_url="auto", args=(synthetic_root, double))
+    # a gloo group alive at the interpreter's exit can abort the process (SIGABRT) after its work is done
+    assert [(tmp_path / f"double.rank{rank}.left_group").read_text() for rank in (0, 1)] == ["False", "False"]
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert list(two["results"]) == ["segm", "cityscapes/segm"]

@@ -17,9 +17,9 @@ import cityseg_d2  # noqa: F401  (before detectron2: silences the warnings its i
 import shlex
 import sys
 
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 
-from cityseg_d2.engine import Trainer, setup
+from cityseg_d2.engine import Trainer, launch, setup
 from cityseg_d2.engine.output_dir import release_output_dir
 from cityseg_d2.errors import run_cli
 
