@@ -15,14 +15,20 @@ from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
 
 
+def drop_detectron2_group_references():
+    """detectron2's comm holds its local group and caches the global one for all_gather: without these references a
+    destroyed group's threads are joined at once."""
+    comm._LOCAL_PROCESS_GROUP = None
+    comm._get_global_gloo_group.cache_clear()
+
+
 def close_process_groups():
     """After the last collective of every rank: destroy the process groups and drop detectron2's references, so
     that their threads are joined now (with the GIL released) rather than during the interpreter's exit."""
     comm.synchronize()
     gc.collect()  # a DDP model in a reference cycle would keep its group alive
     dist.destroy_process_group()
-    comm._LOCAL_PROCESS_GROUP = None
-    comm._get_global_gloo_group.cache_clear()
+    drop_detectron2_group_references()
 
 
 def _run_then_close_process_groups(main_func, *args):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from detectron2.utils import comm
 from ray.train.torch import TorchTrainer
 
+from ..engine.launch import drop_detectron2_group_references
 from ..errors import UserError
 
 
@@ -77,6 +78,7 @@ def _run_main(config):
     args.opts = [*args.opts, *worker_device_opts(config["use_gpu"])]
     with wandb_flushed():
         config["main"](args)
+    drop_detectron2_group_references()  # so that Ray's destroy_process_group ends the group's threads
 
 
 @contextlib.contextmanager
