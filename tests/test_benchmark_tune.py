@@ -1,6 +1,6 @@
 """tools/benchmark_tune.py's parts that decide what it reports: a study where ASHA cannot rank trials is refused, the
 CPU-seconds count every process of the session, also those that exited before the count ends, and the replay feeds
-recorded reports to Ray's ASHA as Tune would. A run of the benchmark itself takes minutes even at toy size (two arms
+recorded reports to Ray's ASHA and to sha as Tune would. A run of the benchmark itself takes minutes even at toy size (two arms
 of at least 8 trials), so none runs here."""
 import random
 import runpy
@@ -42,9 +42,26 @@ def test_replay_feeds_the_grid_reports_to_rays_asha_as_tune_would():
 
     curves = {0.1: [(2, 1.0), (4, 2.0)], 0.2: [(2, 0.5), (4, 5.0)], 0.3: [(2, 3.0), (4, 3.5)]}
     scheduler = lambda: ASHAScheduler(time_attr="iteration", max_t=4, grace_period=2, reduction_factor=2)  # noqa: E731
-    replay = benchmark_tune["replay_asha"]
+    replay = benchmark_tune["replay"]
     assert replay(curves, scheduler, "AP", "max", 1, [0.1, 0.2, 0.3], random.Random(0)) == (4 + 2 + 4, 3.5)
     # Two at once: the first two report at 2 together, and the one drawn to arrive first passes unranked. If that is
     # the second (0.5), the first (1.0) passes too, and the third (3.0 >= 0.75): every trial trains to 4.
     outcomes = {replay(curves, scheduler, "AP", "max", 2, [0.1, 0.2, 0.3], random.Random(seed)) for seed in range(20)}
     assert outcomes == {(4 + 2 + 4, 3.5), (4 + 4 + 4, 5.0)}
+
+
+def test_replay_pauses_and_resumes_trials_for_synchronous_halving_in_any_order():
+    """The same trials under sha (grace 2, reduction factor 2, max_t 4): all three train to 2 and are ranked there
+    together, whatever the order; the best two (1.0, 3.0) go on to 4, 0.5 stops. ASHA above trained all three to 4 in
+    some orders."""
+    from cityseg_d2.tune.halving import SynchronousHalvingScheduler
+
+    curves = {0.1: [(2, 1.0), (4, 2.0)], 0.2: [(2, 0.5), (4, 5.0)], 0.3: [(2, 3.0), (4, 3.5)]}
+    scheduler = lambda: SynchronousHalvingScheduler(3, grace_period=2, reduction_factor=2, max_t=4)  # noqa: E731
+    replay = benchmark_tune["replay"]
+    outcomes = {
+        replay(curves, scheduler, "AP", "max", slots, random.Random(seed).sample(sorted(curves), 3), random.Random(seed))
+        for slots in (1, 2, 3)
+        for seed in range(10)
+    }
+    assert outcomes == {(2 + 2 + 2 + 2 + 2, 3.5)}

@@ -70,29 +70,36 @@ SWEEP = {
 }
 
 
-@pytest.fixture(scope="module")
-def swept(detectron2_datasets, tmp_path_factory):
-    """Run the sweep once, with W&B offline; yields (sweep, base cfg, ResultGrid, rows, experiment dir, W&B dir)."""
-    storage = str(tmp_path_factory.mktemp("sweeps"))
-    wandb_dir = str(tmp_path_factory.mktemp("wandb"))
-    cfg = load_config(QUICKSTART, TINY_OPTS + WANDB_OPTS)
-    sweep = sweeps.parse_sweep(SWEEP, source="tiny.yaml")
+def run_sweep(data, opts, storage, **environment):
+    """Sweep `data` (a sweep file's contents) over the quickstart config with `opts` on a local Ray of 2 CPUs whose
+    workers see `environment`; returns (sweep, base cfg, ResultGrid, rows, experiment dir)."""
+    cfg = load_config(QUICKSTART, opts)
+    sweep = sweeps.parse_sweep(data, source=f"{data['name']}.yaml")
     sweeps.validate_sweep(sweep, cfg)
     experiment_dir = sweeps.new_experiment(storage, sweep.name)
     with pytest.MonkeyPatch.context() as env:
-        # Ray's workers inherit the environment of the raylet that connect_ray starts here.
-        env.setenv("DETECTRON2_DATASETS", detectron2_datasets)
-        env.setenv("WANDB_MODE", "offline")
-        env.setenv("WANDB_DIR", wandb_dir)
+        for name, value in environment.items():  # Ray's workers inherit the environment of the raylet started here
+            env.setenv(name, value)
         sweeps.connect_ray(num_cpus=2)
         try:
             sweep = sweeps.resolve_resources(sweep, cfg, ray.cluster_resources())
             results = sweeps.start_sweep(sweep, cfg, experiment_dir)
         finally:
             ray.shutdown()
-        rows = sweeps.trial_rows(results, sweep, cfg)
-        sweeps.write_summary(rows, experiment_dir)
-        yield sweep, cfg, results, rows, experiment_dir, wandb_dir
+    return sweep, cfg, results, sweeps.trial_rows(results, sweep, cfg), experiment_dir
+
+
+@pytest.fixture(scope="module")
+def swept(detectron2_datasets, tmp_path_factory):
+    """Run the sweep once, with W&B offline; yields (sweep, base cfg, ResultGrid, rows, experiment dir, W&B dir)."""
+    storage = str(tmp_path_factory.mktemp("sweeps"))
+    wandb_dir = str(tmp_path_factory.mktemp("wandb"))
+    sweep, cfg, results, rows, experiment_dir = run_sweep(
+        SWEEP, TINY_OPTS + WANDB_OPTS, storage,
+        DETECTRON2_DATASETS=detectron2_datasets, WANDB_MODE="offline", WANDB_DIR=wandb_dir,
+    )  # fmt: skip
+    sweeps.write_summary(rows, experiment_dir)
+    return sweep, cfg, results, rows, experiment_dir, wandb_dir
 
 
 def test_every_trial_trained_its_own_sampled_values(swept):
@@ -128,6 +135,20 @@ def test_asha_stops_the_trial_with_the_bad_loss_weight_at_the_first_rung(swept):
     outcome = {r["MODEL.RPN.LOSS_WEIGHT"]: (r["status"], r["iterations"]) for r in rows}
     assert outcome == {1.0: ("finished", 8), 1.5: ("finished", 8), 20.0: ("stopped early", 4)}
     assert rows[-1]["MODEL.RPN.LOSS_WEIGHT"] == 20.0  # worst total_loss ranks last
+
+
+def test_sha_pauses_every_trial_at_the_rung_and_only_the_best_go_on_from_their_checkpoints(detectron2_datasets, tmp_path):
+    """Synchronous successive halving, one trial at a time (by resources: Ray's max_concurrent_trials would count
+    paused trials): each trial pauses at the rung (iteration 4) until all three have reached it; then the worst (RPN
+    loss weight 20) stops and the other two go on to 8, the first one restored from its checkpoint at 4 (its training
+    starts again there), the last one (running when the rung was decided) without a pause."""
+    sha = {**SWEEP, "name": "sha", "scheduler": {"type": "sha", "grace_period": 4, "reduction_factor": 2}}
+    sha.update(max_concurrent_trials=0, resources={"cpus_per_trial": 2})  # one trial at a time on Ray's 2 CPUs
+    _, _, _, rows, _ = run_sweep(sha, TINY_OPTS, str(tmp_path), DETECTRON2_DATASETS=detectron2_datasets)
+    outcome = {r["MODEL.RPN.LOSS_WEIGHT"]: (r["status"], r["iterations"]) for r in rows}
+    assert outcome == {1.0: ("finished", 8), 1.5: ("finished", 8), 20.0: ("stopped early", 4)}
+    starts = {r["MODEL.RPN.LOSS_WEIGHT"]: training_starts(r["output_dir"]) for r in rows}
+    assert starts == {1.0: [0, 4], 20.0: [0], 1.5: [0]}
 
 
 def test_summary_files_rank_trials_best_first(swept):

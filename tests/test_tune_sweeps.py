@@ -16,6 +16,7 @@ from ray import tune
 from cityseg_d2.engine.setup import load_config
 from cityseg_d2.errors import ConfigError
 from cityseg_d2.tune import results as summary, runner, sweep as sweeps
+from cityseg_d2.tune.halving import halving_rungs
 from cityseg_d2.tune.trial import trial_config
 
 QUICKSTART = "configs/quickstart/mask_rcnn_R_18_FPN_GN_synthetic.yaml"
@@ -97,6 +98,9 @@ def test_space_that_does_not_fit_the_base_config_is_named(quickstart_cfg, space,
         ({"mode": "maximum"}, "mode must be max or min"),
         ({"scheduler": {"type": "hyperband"}}, "scheduler: type must be one of"),
         ({"scheduler": {"type": "asha", "grace": 3}}, "unknown entries for asha: ['grace']"),
+        ({"scheduler": {"type": "sha", "brackets": 2}}, "unknown entries for sha: ['brackets']"),
+        ({"scheduler": {"type": "sha", "reduction_factor": 1}}, "reduction_factor must be a number >= 2"),
+        ({"scheduler": {"type": "sha"}, "max_concurrent_trials": 2}, "max_concurrent_trials cannot be kept with"),
         ({"search": {"type": "optuna"}, "space": {"SOLVER.BASE_LR": {"grid": [0.1, 0.2]}}}, "grid values need search"),
         ({"resources": {"gpus_per_trial": 2}}, "gpus_per_trial must be between 0 and 1"),
     ],
@@ -136,15 +140,31 @@ def test_metric_must_be_one_the_trials_report(metric, mode, opts, ok):
             sweeps.validate_sweep(s, cfg)
 
 
-def test_asha_needs_periodic_evaluation_and_a_grace_period_below_max_t():
-    asha = {"type": "asha", "grace_period": 500, "reduction_factor": 3}
-    s = sweep({"SOLVER.BASE_LR": {"loguniform": [1e-4, 1e-2]}}, scheduler=asha)
+@pytest.mark.parametrize("scheduler", ["asha", "sha"])
+def test_asha_and_sha_need_periodic_evaluation_and_a_grace_period_below_max_t(scheduler):
+    options = {"type": scheduler, "grace_period": 500, "reduction_factor": 3}
+    s = sweep({"SOLVER.BASE_LR": {"loguniform": [1e-4, 1e-2]}}, scheduler=options)
     budget = ["SOLVER.MAX_ITER", "1500", "TEST.EVAL_PERIOD", "500"]
     sweeps.validate_sweep(s, load_config(QUICKSTART, budget))
-    with pytest.raises(ConfigError, match="TEST.EVAL_PERIOD > 0"):
+    with pytest.raises(ConfigError, match=f"{scheduler.upper()} needs periodic reports: set TEST.EVAL_PERIOD > 0"):
         sweeps.validate_sweep(s, load_config(QUICKSTART, budget + ["TEST.EVAL_PERIOD", "0"]))
     with pytest.raises(ConfigError, match="grace_period 500 must be below max_t 400"):
         sweeps.validate_sweep(s, load_config(QUICKSTART, budget + ["SOLVER.MAX_ITER", "400"]))
+
+
+def test_sha_ranks_at_reports_and_builds_one_bracket_of_every_trial():
+    options = {"type": "sha", "grace_period": 500, "reduction_factor": 3}
+    s = sweep({"SOLVER.BASE_LR": {"grid": [0.01, 0.02, 0.04]}}, scheduler=options, num_samples=2)
+    with pytest.raises(ConfigError, match="grace_period 500 must be a multiple of TEST.EVAL_PERIOD 300"):
+        sweeps.validate_sweep(s, load_config(QUICKSTART, ["SOLVER.MAX_ITER", "4500", "TEST.EVAL_PERIOD", "300"]))
+    cfg = load_config(QUICKSTART, ["SOLVER.MAX_ITER", "4500", "TEST.EVAL_PERIOD", "250"])
+    sweeps.validate_sweep(s, cfg)
+    scheduler = runner.build_scheduler(s, cfg)
+    assert halving_rungs(500, 3, 4500) == [500, 1500]
+    # Ray's bracket: all 6 trials (3 grid values x 2 samples), ranked first at 500 (time in detectron2 iterations),
+    # halved twice (at 500 and 1500), then the last ones run to 4500
+    bracket = scheduler._bracket
+    assert (bracket._n, bracket._r, bracket._halves, bracket._max_t_attr, bracket._time_attr) == (6, 500, 2, 4500, "iteration")
 
 
 def test_saved_sweep_reads_back_the_same(tmp_path):

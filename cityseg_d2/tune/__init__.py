@@ -7,6 +7,7 @@
 - runner: joining a Ray cluster, per-trial resources, starting and resuming a sweep, train_net on a Ray cluster;
 - resources: whether a trial fits the cluster's nodes (or the nodes an autoscaler adds);
 - pbt: population-based training (Ray's PBT; a restored trial keeps its config's optimizer values);
+- halving: synchronous successive halving (scheduler sha: every trial ranked at every rung);
 - results: the summary from Ray's ResultGrid (trials.csv / trials.json, best_config.yaml).
 
 tools/tune_net.py is the command line.

@@ -15,8 +15,9 @@ from ray.exceptions import AuthenticationError
 from ..engine import prepare_config
 from ..errors import ConfigError, first_line
 from .pbt import build_pbt, checkpoints_to_keep
-from .sweep import load_sweep, scheduler_max_t
+from .sweep import load_sweep, scheduler_max_t, trial_count
 from .distributed import launch_on_ray
+from .halving import SynchronousHalvingScheduler
 from .trial import TRAIN_DRIVER_CPUS, TrialSpec, trainable, trial_dirname
 
 logger = logging.getLogger(__name__)
@@ -183,13 +184,20 @@ def new_experiment(storage, name):
 
 
 def build_scheduler(sweep, cfg):
-    if sweep.scheduler.get("type") == "pbt":
+    options = sweep.scheduler
+    if options.get("type") == "pbt":
         return build_pbt(sweep, cfg)
-    if sweep.scheduler.get("type") != "asha":
+    if options.get("type") == "sha":
+        return SynchronousHalvingScheduler(
+            trial_count(sweep),
+            grace_period=options.get("grace_period", 1),
+            reduction_factor=options.get("reduction_factor", 4),
+            max_t=scheduler_max_t(sweep, cfg),
+        )
+    if options.get("type") != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    options = sweep.scheduler
     return ASHAScheduler(
         time_attr="iteration",
         max_t=scheduler_max_t(sweep, cfg),

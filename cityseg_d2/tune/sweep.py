@@ -16,7 +16,7 @@ from ..evaluation import reported_metrics
 from .pbt import PBT_DEFAULTS, PBT_KEYS, perturbation_interval
 
 SPEC_KINDS = ("loguniform", "uniform", "choice", "grid")
-SCHEDULERS = ("asha", "pbt", "fifo")
+SCHEDULERS = ("asha", "sha", "pbt", "fifo")
 SEARCH_ALGORITHMS = ("random", "optuna")
 # Set by every trial itself, so a sweep may not sample them.
 TRIAL_OWNED_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE")
@@ -190,12 +190,18 @@ def _check_sweep_options(sweep, fail):
         fail(f"scheduler: type must be one of {list(SCHEDULERS)}, got {scheduler!r}")
     allowed = {
         "asha": {"type", "grace_period", "reduction_factor", "max_t", "brackets"},
+        "sha": {"type", "grace_period", "reduction_factor", "max_t"},
         "pbt": {"type", *PBT_DEFAULTS},
         "fifo": {"type"},
     }[scheduler]
     if set(sweep.scheduler) - allowed:
         fail(f"scheduler: unknown entries for {scheduler}: {sorted(set(sweep.scheduler) - allowed)}")
-    if scheduler == "asha":
+    if scheduler == "sha" and sweep.max_concurrent_trials:
+        fail(
+            "max_concurrent_trials cannot be kept with scheduler sha (Ray counts a trial paused at a rung as running, "
+            "so the sweep would wait for ever): leave it out and bound trials at once by resources: cpus_per_trial"
+        )
+    if scheduler in ("asha", "sha"):
         for name, minimum in (("grace_period", 1), ("reduction_factor", 2), ("max_t", 0), ("brackets", 1)):
             value = sweep.scheduler.get(name, minimum)
             if not _is_number(value) or value < minimum:
@@ -226,16 +232,13 @@ def _check_pbt_options(sweep, fail):
         fail(f"scheduler: synch must be true or false, got {options['synch']!r}")
     if sweep.search.get("type", "random") != "random":
         fail("scheduler: pbt perturbs the values itself: use search type random (its start values)")
-    population = sweep.num_samples
-    for spec in sweep.space.values():
-        population *= len(spec.values) if spec.kind == "grid" else 1
-    if population < 2:
+    if trial_count(sweep) < 2:
         fail("scheduler: pbt needs a population: num_samples (times the grid values) of at least 2")
 
 
 def validate_sweep(sweep, cfg):
     """Check the sweep against the base config before any trial starts: every key and candidate merges,
-    the metric is one the configured evaluators (or the training losses) report, and ASHA's budget fits."""
+    the metric is one the configured evaluators (or the training losses) report, and ASHA's or SHA's rungs fit."""
     source = sweep.source
     mergeable = cfg.clone()
     mergeable.defrost()
@@ -254,14 +257,18 @@ def validate_sweep(sweep, cfg):
     _validate_metric(sweep, cfg)
     if sweep.scheduler.get("type") == "pbt":
         _validate_pbt(sweep, cfg)
-    if sweep.scheduler.get("type") == "asha":
+    scheduler = sweep.scheduler.get("type")
+    if scheduler in ("asha", "sha"):
+        name = scheduler.upper()
         if cfg.TEST.EVAL_PERIOD <= 0:
-            raise ConfigError(f"{source}: ASHA needs periodic reports: set TEST.EVAL_PERIOD > 0 in the base config")
-        max_t = scheduler_max_t(sweep, cfg)
-        if sweep.scheduler.get("grace_period", 1) >= max_t:
+            raise ConfigError(f"{source}: {name} needs periodic reports: set TEST.EVAL_PERIOD > 0 in the base config")
+        max_t, grace = scheduler_max_t(sweep, cfg), sweep.scheduler.get("grace_period", 1)
+        if grace >= max_t:
+            raise ConfigError(f"{source}: scheduler: grace_period {grace} must be below max_t {max_t} (iterations)")
+        if scheduler == "sha" and grace % cfg.TEST.EVAL_PERIOD:
             raise ConfigError(
-                f"{source}: scheduler: grace_period {sweep.scheduler.get('grace_period', 1)} must be below max_t "
-                f"{max_t} (iterations)"
+                f"{source}: scheduler: sha ranks the trials at reports: grace_period {grace} must be a multiple of "
+                f"TEST.EVAL_PERIOD {cfg.TEST.EVAL_PERIOD}"
             )
 
 
@@ -312,6 +319,14 @@ def _validate_metric(sweep, cfg):
         )
 
 
+def trial_count(sweep):
+    """How many trials the sweep starts: num_samples times the number of grid combinations."""
+    count = sweep.num_samples
+    for spec in sweep.space.values():
+        count *= len(spec.values) if spec.kind == "grid" else 1
+    return count
+
+
 def scheduler_max_t(sweep, cfg):
-    """ASHA's horizon in detectron2 iterations: the scheduler's max_t, else the base SOLVER.MAX_ITER."""
+    """ASHA's or SHA's horizon in detectron2 iterations: the scheduler's max_t, else the base SOLVER.MAX_ITER."""
     return int(sweep.scheduler.get("max_t") or cfg.SOLVER.MAX_ITER)
