@@ -1,7 +1,7 @@
 """tools/benchmark_tune.py's parts that decide what it reports: a study where ASHA cannot rank trials is refused, the
 CPU-seconds count every process of the session, also those that exited before the count ends, and the replay feeds
-recorded reports to Ray's ASHA and to sha as Tune would. A run of the benchmark itself takes minutes even at toy size (two arms
-of at least 8 trials), so none runs here."""
+recorded reports to Ray's ASHA and to sha as Tune would. A run of the benchmark itself takes minutes even at toy size
+(two arms of at least 8 trials), so none runs here."""
 import random
 import runpy
 import subprocess
@@ -59,9 +59,10 @@ def test_replay_pauses_and_resumes_trials_for_synchronous_halving_in_any_order()
     curves = {0.1: [(2, 1.0), (4, 2.0)], 0.2: [(2, 0.5), (4, 5.0)], 0.3: [(2, 3.0), (4, 3.5)]}
     scheduler = lambda: SynchronousHalvingScheduler(3, grace_period=2, reduction_factor=2, max_t=4)  # noqa: E731
     replay = benchmark_tune["replay"]
+    orders = [random.Random(seed).sample(sorted(curves), 3) for seed in range(10)]
     outcomes = {
-        replay(curves, scheduler, "AP", "max", slots, random.Random(seed).sample(sorted(curves), 3), random.Random(seed))
+        replay(curves, scheduler, "AP", "max", slots, order, random.Random(seed))
         for slots in (1, 2, 3)
-        for seed in range(10)
+        for seed, order in enumerate(orders)
     }
     assert outcomes == {(2 + 2 + 2 + 2 + 2, 3.5)}

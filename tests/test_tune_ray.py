@@ -137,7 +137,7 @@ def test_asha_stops_the_trial_with_the_bad_loss_weight_at_the_first_rung(swept):
     assert rows[-1]["MODEL.RPN.LOSS_WEIGHT"] == 20.0  # worst total_loss ranks last
 
 
-def test_sha_pauses_every_trial_at_the_rung_and_only_the_best_go_on_from_their_checkpoints(detectron2_datasets, tmp_path):
+def test_sha_pauses_every_trial_at_the_rung_and_only_the_best_go_on_from_checkpoints(detectron2_datasets, tmp_path):
     """Synchronous successive halving, one trial at a time (by resources: Ray's max_concurrent_trials would count
     paused trials): each trial pauses at the rung (iteration 4) until all three have reached it; then the worst (RPN
     loss weight 20) stops and the other two go on to 8, the first one restored from its checkpoint at 4 (its training

@@ -164,7 +164,8 @@ def test_sha_ranks_at_reports_and_builds_one_bracket_of_every_trial():
     # Ray's bracket: all 6 trials (3 grid values x 2 samples), ranked first at 500 (time in detectron2 iterations),
     # halved twice (at 500 and 1500), then the last ones run to 4500
     bracket = scheduler._bracket
-    assert (bracket._n, bracket._r, bracket._halves, bracket._max_t_attr, bracket._time_attr) == (6, 500, 2, 4500, "iteration")
+    expected = (6, 500, 2, 4500, "iteration")
+    assert (bracket._n, bracket._r, bracket._halves, bracket._max_t_attr, bracket._time_attr) == expected
 
 
 def test_saved_sweep_reads_back_the_same(tmp_path):

@@ -148,7 +148,8 @@ class _ReplayTrial:
 
 class _ReplayController:
     """The part of Tune's controller a scheduler calls: the trials in the order they were added, and stop_trial
-    (which tells the scheduler as Tune's does: on_trial_remove for a waiting trial, on_trial_complete for a running one)."""
+    (which tells the scheduler as Tune's does: on_trial_remove for a waiting trial, on_trial_complete for a running
+    one)."""
 
     def __init__(self, scheduler, trials):
         self.scheduler, self.trials = scheduler, trials
@@ -182,6 +183,9 @@ def replay(curves, new_scheduler, metric, mode, slots, order, rng):
     arrival = {trial: rng.random() for trial in trials}
     events, trained, seen = [], 0, []
 
+    def report_after(now, trial, iterations):
+        heapq.heappush(events, (now + iterations, arrival[trial], order.index(trial.lr), trial))
+
     def start_trials(now):
         while sum(trial.status == "RUNNING" for trial in trials) < slots:
             trial = scheduler.choose_trial_to_run(controller)
@@ -189,7 +193,7 @@ def replay(curves, new_scheduler, metric, mode, slots, order, rng):
                 return
             trial.status = "RUNNING"
             reports, k = curves[trial.lr], trial.next_report
-            heapq.heappush(events, (now + reports[k][0] - (reports[k - 1][0] if k else 0), arrival[trial], order.index(trial.lr), trial))
+            report_after(now, trial, reports[k][0] - (reports[k - 1][0] if k else 0))
 
     start_trials(0)
     while events:
@@ -208,7 +212,7 @@ def replay(curves, new_scheduler, metric, mode, slots, order, rng):
         elif decision == TrialScheduler.PAUSE:
             trial.status = "PAUSED"
         else:
-            heapq.heappush(events, (now + reports[k + 1][0] - iteration, arrival[trial], order.index(trial.lr), trial))
+            report_after(now, trial, reports[k + 1][0] - iteration)
         start_trials(now)
     return trained, (max if mode == "max" else min)(seen)
 
@@ -234,7 +238,8 @@ def replay_orders(args, curves, scheduler_sweep, cfg, slots, orders=1000):
         f"{SCHEDULER_NAMES[args.scheduler]} replayed on the grid's reports in {orders} random orders ({slots} trials "
         f"at a time): it trains "
         f"a median {statistics.median(shares):.0%} of the grid's iterations (10%-90%: {shares[orders // 10]:.0%}-"
-        f"{shares[orders * 9 // 10]:.0%}), sees the grid's best within {args.tolerance:g} in {found:.0%} of the orders, "
+        f"{shares[orders * 9 // 10]:.0%}), sees the grid's best within {args.tolerance:g} in {found:.0%} of the "
+        "orders, "
         f"and both that and <= 40% of the iterations in {both:.0%}"
     )
 
@@ -284,8 +289,8 @@ def check_study(args, cfg):
     """One line for a study where the scheduler cannot rank trials: a rung inside the warm-up, or between reports."""
     if args.grace <= cfg.SOLVER.WARMUP_ITERS:
         raise ConfigError(
-            f"--grace {args.grace} is within the warm-up (SOLVER.WARMUP_ITERS {cfg.SOLVER.WARMUP_ITERS}): the scheduler would "
-            "rank trials before they train at their learning rate; raise --grace or lower the warm-up"
+            f"--grace {args.grace} is within the warm-up (SOLVER.WARMUP_ITERS {cfg.SOLVER.WARMUP_ITERS}): the "
+            "scheduler would rank trials before they train at their learning rate; raise --grace or lower the warm-up"
         )
     if args.grace % args.eval_period:
         raise ConfigError(f"--grace {args.grace} must be a multiple of --eval-period {args.eval_period} (the reports)")
@@ -409,7 +414,9 @@ def main(args):
         cpu = f"{figures['CPU-seconds'] / grid_figures['CPU-seconds']:.0%} of the grid's CPU-seconds and "
     else:
         cpu = f"(the CPU-seconds of the grid in {grid_dir} were not recorded) "
-    print(f"{arm} used {cpu}{iterations:.0%} of its iterations; its best is {gap:.2f} {args.metric} below the grid's")
+    side = "below" if gap >= 0 else "above"
+    print(f"{arm} used {cpu}{iterations:.0%} of its iterations; its best is {abs(gap):.2f} {args.metric} {side} "
+          "the grid's")  # fmt: skip
     # The same SEED and values: where the scheduler ran a trial to the end, it should have reached the grid's value.
     finished = [(lr, row) for lr, row in rows.items() if row["status"] == "finished" and row[args.metric] is not None]
     differences = [abs(row[args.metric] - grid_rows[lr][args.metric]) for lr, row in finished]
