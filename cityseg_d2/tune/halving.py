@@ -11,8 +11,8 @@ HyperBand spreads a sweep over brackets whose first one runs its trials to max_t
 bracket does not do: no rung is decided before every trial of the sweep has been created (the search algorithm may
 create them as slots free up). max_concurrent_trials is refused with sha (sweep.py): Ray keeps it in the search
 algorithm, which counts paused trials as running, so the sweep would wait for ever once every slot holds a paused
-trial; the trials' resources bound how many run at once. Ray keeps no scheduler state across --resume: a resumed
-sweep ranks its unfinished trials at their first reports after it.
+trial; the trials' resources bound how many run at once. Ray saves no scheduler state: after --resume the halving
+starts afresh among the trials that had not ended (on_trial_add skips those that had).
 """
 
 from ray.tune.experiment import Trial
