@@ -66,3 +66,30 @@ def test_replay_pauses_and_resumes_trials_for_synchronous_halving_in_any_order()
         for seed, order in enumerate(orders)
     }
     assert outcomes == {(2 + 2 + 2 + 2 + 2, 3.5)}
+
+
+def test_sha_decides_a_rung_when_the_trial_it_waits_for_fails_after_the_first_halving():
+    """Three trials, rungs at 2 and 4: at 2, 0.5 is dropped; 1.0 reaches 4 and waits there for 3.0, which then fails
+    for good. The rung is decided without it and 1.0 goes on (Ray's bracket alone would leave it paused)."""
+    from cityseg_d2.tune.halving import SynchronousHalvingScheduler
+
+    scheduler = SynchronousHalvingScheduler(3, grace_period=2, reduction_factor=2, max_t=8)
+    scheduler.set_search_properties("AP", "max")
+    trials = [benchmark_tune["_ReplayTrial"](value) for value in (1.0, 0.5, 3.0)]
+    controller = benchmark_tune["_ReplayController"](scheduler, trials)
+    for trial in trials:
+        scheduler.on_trial_add(controller, trial)
+        trial.status = "RUNNING"
+
+    def report(trial, iteration, value):
+        decision = scheduler.on_trial_result(controller, trial, {"iteration": iteration, "AP": value})
+        trial.status = {"PAUSE": "PAUSED", "STOP": "TERMINATED"}.get(decision, trial.status)
+        return decision
+
+    assert [report(t, 2, t.lr) for t in trials] == ["PAUSE", "PAUSE", "CONTINUE"]
+    assert trials[1].status == "TERMINATED" and scheduler.choose_trial_to_run(controller) is trials[0]
+    trials[0].status = "RUNNING"
+    assert report(trials[0], 4, 2.0) == "PAUSE"
+    trials[2].status = "ERROR"
+    scheduler.on_trial_error(controller, trials[2])
+    assert scheduler.choose_trial_to_run(controller) is trials[0]

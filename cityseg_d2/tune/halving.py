@@ -7,12 +7,13 @@ pay?"). Here a trial that reaches a rung is paused (checkpointed, its resources 
 every trial of the sweep has reached it or ended; then the best go on from their checkpoints and the rest stop.
 
 It is Ray's HyperBandScheduler with a single bracket: the whole sweep, from grace_period to max_t (Ray's own
-HyperBand spreads a sweep over brackets whose first one runs its trials to max_t without halving). Two things Ray's
-bracket does not do: no rung is decided before every trial of the sweep has been created (the search algorithm may
-create them as slots free up). max_concurrent_trials is refused with sha (sweep.py): Ray keeps it in the search
-algorithm, which counts paused trials as running, so the sweep would wait for ever once every slot holds a paused
-trial; the trials' resources bound how many run at once. Ray saves no scheduler state: after --resume the halving
-starts afresh among the trials that had not ended (on_trial_add skips those that had).
+HyperBand spreads a sweep over brackets whose first one runs its trials to max_t without halving). Added to Ray's
+bracket: no rung is decided before every trial of the sweep has been created (the search algorithm may create them
+as slots free up), and a trial that ends for good lets the rung go on without it at any rung, not only the first.
+max_concurrent_trials is refused with sha (sweep.py): Ray keeps it in the search algorithm, which counts paused
+trials as running, so the sweep would wait for ever once every slot holds a paused trial; the trials' resources bound
+how many run at once. Ray saves no scheduler state: after --resume the halving starts afresh among the trials that
+had not ended (on_trial_add skips those that had).
 """
 
 from ray.tune.experiment import Trial
@@ -37,7 +38,7 @@ class SynchronousHalvingScheduler(HyperBandScheduler):
 
     def __init__(self, num_trials, grace_period, reduction_factor, max_t, time_attr="iteration", **kwargs):
         super().__init__(time_attr=time_attr, max_t=max_t, reduction_factor=reduction_factor, **kwargs)
-        self._num_trials, self._added = num_trials, 0
+        self._num_trials, self._added, self._deciding = num_trials, 0, False
         self._bracket = _Bracket(
             time_attr=time_attr,
             max_trials=num_trials,
@@ -69,6 +70,16 @@ class SynchronousHalvingScheduler(HyperBandScheduler):
         return TrialScheduler.CONTINUE if self._bracket.continue_trial(trial) else TrialScheduler.PAUSE
 
     def on_trial_remove(self, tune_controller, trial):
-        if self._all_trials_created():
-            return super().on_trial_remove(tune_controller, trial)
+        """A trial that ended (an error for good, say) may be the last one the rung waits for: decide the rung then.
+        Ray's bracket only does so before its first halving (is_being_processed is never reset), so a trial failing
+        after it would leave the others paused for ever."""
         self._bracket.cleanup_trial(trial)
+        if self._all_trials_created() and not self._bracket.finished() and not self._deciding:
+            self._process_bracket(tune_controller, self._bracket)
+
+    def _process_bracket(self, tune_controller, bracket):
+        self._deciding = True  # stopping the trials a rung drops calls on_trial_remove
+        try:
+            return super()._process_bracket(tune_controller, bracket)
+        finally:
+            self._deciding = False
