@@ -14,6 +14,8 @@ import functools
 import logging
 import math
 
+from ray.train._internal.session import _FutureTrainingResult
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
 logger = logging.getLogger(__name__)
@@ -77,10 +79,26 @@ def _clip_to_bounds(bounds, config):
     return config
 
 
+class _SingleSavePopulationBasedTraining(PopulationBasedTraining):
+    """Ray's PBT, except that a top trial whose report is still being saved (it reported a moment ago and is being
+    paused) hands that save to the trials that exploit it, as Ray does for a paused one, instead of being saved a
+    second time. That second save at the same iteration left Ray 2.60 with a stale checkpoint index when the trial
+    resumed, so its next save overwrote the checkpoint its exploiter was about to restore (seen in CI with synch
+    PBT, two trials reporting together: the exploiter restored the donor's final iteration, or a half-written file)."""
+
+    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
+        saving = trial.temporary_state.saving_to
+        if trial in upper_quantile and trial.status == Trial.RUNNING and isinstance(saving, _FutureTrainingResult):
+            self._trial_state[trial].last_checkpoint = saving
+            self._num_checkpoints += 1
+            return
+        super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+
+
 def build_pbt(sweep, cfg):
     """Ray's PopulationBasedTraining for a validated PBT sweep, its time the detectron2 iteration of each report."""
     bounds = {key: spec.values for key, spec in sweep.space.items() if spec.kind in ("loguniform", "uniform")}
-    return PopulationBasedTraining(
+    return _SingleSavePopulationBasedTraining(
         time_attr="iteration",
         perturbation_interval=perturbation_interval(sweep, cfg),
         burn_in_period=pbt_option(sweep, "burn_in_period"),
